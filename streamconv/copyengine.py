@@ -1,0 +1,197 @@
+"""Copy backends: move byte ranges from source descriptors into a preallocated output.
+
+* ``copy_file_range``: kernel-side copy, no data through user space. Works within one
+  filesystem; refused (EXDEV, EOPNOTSUPP, ...) elsewhere, where the pread backend takes over.
+* ``mmap``: the preallocated output is mapped and ``preadv`` reads each range straight into the
+  mapping (a truncated source yields a short read, never SIGBUS).
+* ``pread``: ``preadv`` into one bounded reusable buffer, ``pwrite`` out.
+
+Every backend treats a short read (0 before the range is done) as a source shorter than its
+header promised: :class:`SourceChangedError`, never an endless loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .errors import InterruptedRun, SourceChangedError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "copy_file_range", "mmap", "pread")
+#: Bytes per system call: large enough that call overhead vanishes, small enough for live
+#: progress and a prompt stop on a signal.
+CHUNK = 64 * 1024 * 1024
+BUFFER = 8 * 1024 * 1024
+#: copy_file_range errors meaning "not here", after which the pread backend is used.
+REFUSED = frozenset(
+    {errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF, errno.ETXTBSY}
+)
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Copy:
+    """``length`` bytes from ``source`` at ``src_offset`` to the output at ``dst_offset``."""
+
+    source: str
+    src_offset: int
+    dst_offset: int
+    length: int
+
+
+def coalesce(copies: Sequence[Copy]) -> list[Copy]:
+    """Merge copies that continue each other in both the source and the output."""
+    merged: list[Copy] = []
+    for copy in copies:
+        if copy.length == 0:
+            continue
+        last = merged[-1] if merged else None
+        if (
+            last is not None
+            and last.source == copy.source
+            and last.src_offset + last.length == copy.src_offset
+            and last.dst_offset + last.length == copy.dst_offset
+        ):
+            merged[-1] = Copy(
+                last.source, last.src_offset, last.dst_offset, last.length + copy.length
+            )
+        else:
+            merged.append(copy)
+    return merged
+
+
+class CopyRefused(OSError):
+    """copy_file_range is not possible between these two files."""
+
+
+def _short(source: str, offset: int) -> SourceChangedError:
+    return SourceChangedError(
+        f"source ended at byte {offset}, before the end its header promised "
+        "(was it truncated or replaced during the run?)",
+        path=source,
+    )
+
+
+class Copier:
+    """Copies ranges into one open output file with a chosen backend (one per worker/file)."""
+
+    def __init__(
+        self,
+        backend: str,
+        sources: dict[str, int],
+        progress: Progress,
+        cancel: threading.Event,
+        same_device: Callable[[str], bool],
+        *,
+        sync: bool = True,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}")
+        self.backend = backend
+        self.sources = sources
+        self.progress = progress
+        self.cancel = cancel
+        self.same_device = same_device
+        self.sync = sync
+        self._buffer: bytearray | None = None
+        self.used: set[str] = set()
+
+    def _check_cancel(self) -> None:
+        if self.cancel.is_set():
+            raise InterruptedRun("interrupted")
+
+    def run(self, out_fd: int, out_size: int, copies: Sequence[Copy]) -> None:
+        if self.backend == "mmap":
+            self._run_mmap(out_fd, out_size, copies)
+            return
+        for copy in copies:
+            use_cfr = self.backend == "copy_file_range" or (
+                self.backend == "auto" and self.same_device(copy.source)
+            )
+            if use_cfr:
+                try:
+                    self._copy_file_range(out_fd, copy)
+                    continue
+                except CopyRefused as error:
+                    log.info("copy_file_range refused for %s (%s); using pread", copy.source, error)
+                    self.same_device = _never
+                    if self.backend == "copy_file_range":
+                        log.warning("copy_file_range is refused here (%s); using pread", error)
+                        self.backend = "auto"
+            self._pread(out_fd, copy)
+
+    def _copy_file_range(self, out_fd: int, copy: Copy) -> None:
+        src_fd = self.sources[copy.source]
+        done = 0
+        while done < copy.length:
+            self._check_cancel()
+            want = min(CHUNK, copy.length - done)
+            try:
+                n = os.copy_file_range(
+                    src_fd, out_fd, want, copy.src_offset + done, copy.dst_offset + done
+                )
+            except OSError as error:
+                if done == 0 and error.errno in REFUSED:
+                    raise CopyRefused(error.errno, error.strerror) from error
+                raise
+            if n == 0:
+                raise _short(copy.source, copy.src_offset + done)
+            done += n
+            self.progress(n)
+        self.used.add("copy_file_range")
+
+    def _buf(self) -> memoryview:
+        if self._buffer is None:
+            self._buffer = bytearray(BUFFER)
+        return memoryview(self._buffer)
+
+    def _pread(self, out_fd: int, copy: Copy) -> None:
+        src_fd = self.sources[copy.source]
+        view = self._buf()
+        done = 0
+        while done < copy.length:
+            self._check_cancel()
+            want = min(BUFFER, copy.length - done)
+            n = os.preadv(src_fd, [view[:want]], copy.src_offset + done)
+            if n == 0:
+                raise _short(copy.source, copy.src_offset + done)
+            written = 0
+            while written < n:
+                written += os.pwrite(out_fd, view[written:n], copy.dst_offset + done + written)
+            done += n
+            self.progress(n)
+        self.used.add("pread")
+
+    def _run_mmap(self, out_fd: int, out_size: int, copies: Sequence[Copy]) -> None:
+        with mmap.mmap(out_fd, out_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_WRITE) as mapped:
+            view = memoryview(mapped)
+            try:
+                for copy in copies:
+                    src_fd = self.sources[copy.source]
+                    done = 0
+                    while done < copy.length:
+                        self._check_cancel()
+                        want = min(CHUNK, copy.length - done)
+                        start = copy.dst_offset + done
+                        n = os.preadv(src_fd, [view[start : start + want]], copy.src_offset + done)
+                        if n == 0:
+                            raise _short(copy.source, copy.src_offset + done)
+                        done += n
+                        self.progress(n)
+                if self.sync:
+                    mapped.flush()
+            finally:
+                view.release()
+        self.used.add("mmap")
+
+
+def _never(_: str) -> bool:
+    return False

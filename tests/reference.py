@@ -1,0 +1,105 @@
+"""An independent reference conversion: safetensors' own loader + numpy, everything in memory.
+
+It shares no code with streamconv: it knows the HYV3 rules as written in the issue, loads every
+tensor with ``safetensors.numpy`` (BF16 and other dtypes numpy lacks are read as raw unsigned
+integers of the same width), and builds the expected outer-layout tensors with numpy.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+import safetensors
+
+EXPERT = re.compile(r"^(.*\.mlp\.experts\.)(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+RENAMES = [
+    ("mlp.router.gate.", "mlp.gate."),
+    ("mlp.expert_bias", "mlp.e_score_correction_bias"),
+    ("mlp.shared_mlp.", "mlp.shared_experts."),
+]
+_RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_WIDTH = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "F8_E8M0": 1,
+    "F8_E4M3FNUZ": 1,
+    "F8_E5M2FNUZ": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "F64": 8,
+    "I64": 8,
+    "U64": 8,
+    "C64": 8,
+}
+
+
+def rename(key: str) -> str:
+    for source, target in RENAMES:
+        if source in key:
+            return key.replace(source, target)
+    return key
+
+
+def load_raw(path: Path) -> tuple[dict[str, tuple[str, np.ndarray]], dict[str, str] | None]:
+    """Every tensor of a file as (dtype, raw unsigned array of its shape), via safetensors."""
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    metadata = json.loads(data[8 : 8 + n]).get("__metadata__")
+    out = {}
+    for name, info in safetensors.deserialize(data):
+        dtype = info["dtype"]
+        array = np.frombuffer(bytes(info["data"]), dtype=_RAW[_WIDTH[dtype]])
+        out[name] = (dtype, array.reshape(info["shape"]))
+    return out, metadata
+
+
+def shard_files(root: Path) -> list[Path]:
+    index = root / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [root / n for n in names]
+    if (root / "model.safetensors").exists():
+        return [root / "model.safetensors"]
+    return sorted(root.glob("*.safetensors"))
+
+
+def reference_convert(root: Path) -> dict[str, dict[str, tuple[str, np.ndarray]]]:
+    """The expected output: {shard name: {tensor name: (dtype, raw array)}}."""
+    files = shard_files(root)
+    out: dict[str, dict[str, tuple[str, np.ndarray]]] = {f.name: {} for f in files}
+    groups: dict[str, dict[tuple[int, str], tuple[str, np.ndarray, str]]] = {}
+    for path in files:
+        tensors, _ = load_raw(path)
+        for name, (dtype, array) in tensors.items():
+            match = EXPERT.match(name)
+            if match:
+                prefix, index, part = match.group(1), int(match.group(2)), match.group(3)
+                groups.setdefault(prefix, {})[(index, part)] = (dtype, array, path.name)
+            else:
+                out[path.name][rename(name)] = (dtype, array)
+    for prefix, members in groups.items():
+        experts = max(i for i, _ in members) + 1
+        target = sorted({m[2] for m in members.values()})[0]
+        dtype = members[(0, "gate_proj")][0]
+        gate_up = np.stack(
+            [
+                np.concatenate([members[(e, "gate_proj")][1], members[(e, "up_proj")][1]], axis=0)
+                for e in range(experts)
+            ]
+        )
+        down = np.stack([members[(e, "down_proj")][1] for e in range(experts)])
+        out[target][prefix + "gate_up_proj"] = (dtype, gate_up)
+        out[target][prefix + "down_proj"] = (dtype, down)
+    return out
