@@ -100,6 +100,11 @@ def _parser() -> argparse.ArgumentParser:
         help="skip fsync (faster; output may be lost on power failure)",
     )
     conv.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard the output of a previous, different run in OUTPUT_DIR and start over",
+    )
+    conv.add_argument(
         "--allow-external-links",
         action="store_true",
         help="follow shard symlinks that point outside the input directory",
@@ -173,8 +178,19 @@ def _run_convert(args: argparse.Namespace) -> int:
         write=WriteOptions(backend=args.backend, workers=workers, sync=not args.no_sync),
         allow_external_links=args.allow_external_links,
     )
-    result = convert(source, target, options, progress=_progress(args), cancel=threading.Event())
+    result = convert(
+        source,
+        target,
+        options,
+        progress=_progress(args),
+        cancel=threading.Event(),
+        restart=args.restart,
+    )
     plan = result.plan
+    if result.already_complete:
+        print(f"{result.output} already holds this conversion, complete: nothing to do")
+        return 0
+    kept = f", {result.kept} shards kept from the previous run" if result.kept else ""
     split = sum(g.split for g in plan.groups)
     print(
         f"converted {plan.tensor_count} tensors into {len(plan.files)} shards "
@@ -182,7 +198,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         f"{human_bytes(result.bytes_written)} in {result.seconds:.2f} s "
         f"({human_bytes(result.throughput)}/s), backend {'+'.join(result.backends) or 'none'}, "
         f"{workers} worker{'s' if workers > 1 else ''}"
-        f"{', no fsync' if args.no_sync else ''} -> {result.output}"
+        f"{', no fsync' if args.no_sync else ''}{kept} -> {result.output}"
     )
     return 0
 
@@ -239,8 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as interrupt:
         terminated = isinstance(interrupt, _Terminated)
         print(
-            f"streamconv: {'terminated' if terminated else 'interrupted'}; "
-            "no partial file was left under a final name",
+            f"streamconv: {'terminated' if terminated else 'interrupted'}; no partial file was "
+            "left under a final name; run the same command again to resume",
             file=sys.stderr,
         )
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED

@@ -10,15 +10,16 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .checkpoint import INDEX_NAME, Checkpoint, SourceFile, load_checkpoint
 from .errors import OutputError, SourceChangedError, UsageError
 from .plan import Plan, build_plan
 from .progress import Progress
+from .resume import check_output, decide
 from .rules import HYV3, RuleSet
+from .state import Published, RunState, fingerprint, output_lock, save_state
 from .writer import (
     FileWriter,
     WriteOptions,
@@ -45,6 +46,8 @@ class ConvertResult:
     seconds: float
     bytes_written: int
     backends: tuple[str, ...]
+    kept: int = 0  # shards kept from a previous run
+    already_complete: bool = False
 
     @property
     def throughput(self) -> float:
@@ -57,7 +60,7 @@ def default_workers() -> int:
 
 
 def check_directories(input_dir: Path, output_dir: Path) -> None:
-    """Refuse an output equal to or inside the input, and a non-empty output directory."""
+    """Refuse an output directory equal to, inside, or containing the input directory."""
     source = input_dir.resolve()
     target = output_dir.resolve()
     if target == source or source in target.parents:
@@ -68,15 +71,6 @@ def check_directories(input_dir: Path, output_dir: Path) -> None:
         )
     if target in source.parents:
         raise UsageError("output directory contains the input directory", path=output_dir)
-    if output_dir.exists():
-        if not output_dir.is_dir():
-            raise UsageError("output exists and is not a directory", path=output_dir)
-        if any(output_dir.iterdir()):
-            raise UsageError(
-                "output directory is not empty",
-                path=output_dir,
-                hint="choose a new or empty directory",
-            )
 
 
 def _check_space(output_dir: Path, needed: int) -> None:
@@ -121,9 +115,13 @@ def convert(
     *,
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
-    on_plan: Callable[[Plan], None] | None = None,
+    restart: bool = False,
 ) -> ConvertResult:
-    """Convert the checkpoint in ``input_dir`` into ``output_dir``."""
+    """Convert the checkpoint in ``input_dir`` into ``output_dir``.
+
+    Running it again after an interruption continues where the previous run stopped; a
+    finished output is left alone. ``restart`` discards a previous run's output first.
+    """
     options = options or ConvertOptions()
     progress = progress or Progress()
     cancel = cancel or threading.Event()
@@ -132,8 +130,6 @@ def convert(
     started = time.monotonic()
     checkpoint = load_checkpoint(input_dir, allow_external_links=options.allow_external_links)
     plan = plan_checkpoint(checkpoint, options.rules)
-    if on_plan is not None:
-        on_plan(plan)
     log.info(
         "plan: %d tensors in %d files, %d bytes; %d expert groups (%d split across shards)",
         plan.tensor_count,
@@ -142,33 +138,96 @@ def convert(
         len(plan.groups),
         sum(g.split for g in plan.groups),
     )
+    previous = check_output(output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise OutputError(f"cannot create: {error.strerror}", path=output_dir) from error
-    others = [input_dir / name for name in checkpoint.others]
-    needed = plan.total_bytes + sum(_entry_size(p) for p in others) + len(plan.index or b"")
+    with output_lock(output_dir):
+        return _run(
+            checkpoint=checkpoint,
+            plan=plan,
+            output_dir=output_dir,
+            previous=previous,
+            options=options,
+            progress=progress,
+            cancel=cancel,
+            restart=restart,
+            started=started,
+        )
+
+
+def _run(
+    *,
+    checkpoint: Checkpoint,
+    plan: Plan,
+    output_dir: Path,
+    previous: RunState | None,
+    options: ConvertOptions,
+    progress: Progress,
+    cancel: threading.Event,
+    restart: bool,
+    started: float,
+) -> ConvertResult:
+    sync = options.write.sync
+    fp = fingerprint(checkpoint, plan)
+    decision = decide(output_dir, previous, plan, fp, checkpoint.others, restart=restart)
+    if decision.complete:
+        log.debug("%s already holds this conversion, complete", output_dir)
+        return ConvertResult(
+            output_dir,
+            plan,
+            time.monotonic() - started,
+            0,
+            (),
+            kept=len(decision.keep),
+            already_complete=True,
+        )
+    todo = [f for f in plan.files if f.name not in decision.keep]
+    if decision.keep:
+        log.info("resuming: %d of %d shards already done", len(decision.keep), len(plan.files))
+    others = [checkpoint.root / name for name in checkpoint.others]
+    needed = (
+        sum(f.size for f in todo) + sum(_entry_size(p) for p in others) + len(plan.index or b"")
+    )
     _check_space(output_dir, needed)
 
-    sync = options.write.sync
-    paths = {s.name: input_dir / s.name for s in checkpoint.sources}
-    progress.start(plan.total_bytes)
+    state = decision.state
+    save_state(output_dir, state, sync=sync)
+
+    def published(item: Published) -> None:
+        nonlocal state
+        state = state.with_published(item)
+        save_state(output_dir, state, sync=sync)
+
+    paths = {s.name: checkpoint.root / s.name for s in checkpoint.sources}
+    written = sum(f.size for f in todo)
+    progress.start(written)
     try:
         with open_sources(paths) as fds:
-            writer = FileWriter(output_dir, fds, options.write, progress.advance, cancel)
-            write_all(plan.files, writer, options.write.workers)
+            writer = FileWriter(
+                directory=output_dir,
+                sources=fds,
+                options=options.write,
+                progress=progress.advance,
+                cancel=cancel,
+                on_published=published,
+            )
+            write_all(todo, writer, options.write.workers)
         for path in others:
             copy_entry(path, output_dir, path.name, sync=sync)
         _check_unchanged(checkpoint)
         if plan.index is not None:
             publish_bytes(output_dir, INDEX_NAME, plan.index, sync=sync)
+        save_state(output_dir, replace(state, complete=True), sync=sync)
     finally:
         progress.finish()
-    seconds = time.monotonic() - started
     return ConvertResult(
         output=output_dir,
         plan=plan,
-        seconds=seconds,
-        bytes_written=plan.total_bytes,
+        seconds=time.monotonic() - started,
+        bytes_written=written,
         backends=tuple(sorted(writer.backends_used)),
+        kept=len(decision.keep),
+        already_complete=False,
     )

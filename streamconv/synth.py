@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import orjson
 
 from . import dtypes
@@ -20,7 +19,7 @@ from .checkpoint import INDEX_NAME, SINGLE_NAME, encode_index
 from .header import TensorSpec, encode_header
 
 CHUNK_WORDS = 512 * 1024  # 4 MiB of data per generated chunk
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_GOLDEN = 0x9E3779B97F4A7C15
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +134,8 @@ def shard_names(count: int, single: bool) -> list[str]:
 
 def _chunks(name: str, size: int, seed: int) -> Iterator[bytes]:
     """Deterministic pseudo-random bytes of tensor ``name``, in chunks of at most 4 MiB."""
+    import numpy as np  # noqa: PLC0415  (only the generator needs numpy; conversion does not)
+
     salt = np.uint64(((zlib.crc32(name.encode()) << 32) ^ (seed * 0x632BE5AB)) & (2**64 - 1))
     words = -(-size // 8)
     done = 0
@@ -142,7 +143,7 @@ def _chunks(name: str, size: int, seed: int) -> Iterator[bytes]:
     while position < words:
         count = min(CHUNK_WORDS, words - position)
         x = np.arange(position, position + count, dtype=np.uint64)
-        x = (x + salt) * _GOLDEN
+        x = (x + salt) * np.uint64(_GOLDEN)
         x ^= x >> np.uint64(29)
         data = x.tobytes()[: size - done]
         done += len(data)

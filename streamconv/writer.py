@@ -22,6 +22,7 @@ from pathlib import Path
 from .copyengine import Copier, Copy, coalesce
 from .errors import InterruptedRun, OutputError, StreamconvError
 from .plan import PlannedFile
+from .state import Published, file_checksum
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,8 @@ def copy_entry(source: Path, directory: Path, name: str, *, sync: bool) -> None:
             shutil.copyfile(source, temp)
         if sync:
             _fsync_tree(temp)
+        if final.is_dir() and not final.is_symlink():
+            shutil.rmtree(final)  # a folder copied by an earlier, interrupted run
         os.replace(temp, final)
         if sync:
             fsync_dir(directory)
@@ -148,13 +151,16 @@ class FileWriter:
 
     def __init__(
         self,
+        *,
         directory: Path,
         sources: dict[str, int],
         options: WriteOptions,
         progress: Callable[[int], None],
         cancel: threading.Event,
+        on_published: Callable[[Published], None] | None = None,
     ) -> None:
         self.directory = directory
+        self.on_published = on_published
         self.sources = sources
         self.options = options
         self.progress = progress
@@ -187,6 +193,9 @@ class FileWriter:
                 raise OutputError(
                     f"output is {os.fstat(fd).st_size} bytes, planned {planned.size}", path=final
                 )
+            # Durable runs record a checksum (hashed from the page cache, before the fsync) so
+            # that a resumed run can trust this file; --no-sync runs record none.
+            checksum = file_checksum(fd, planned.size) if self.options.sync else None
             if self.options.sync:
                 os.fsync(fd)
             os.close(fd)
@@ -194,6 +203,7 @@ class FileWriter:
             os.replace(temp, final)
             if self.options.sync:
                 fsync_dir(self.directory)
+            info = os.stat(final)
         except BaseException as error:
             if fd >= 0:
                 os.close(fd)
@@ -204,6 +214,10 @@ class FileWriter:
             raise
         with self._lock:
             self.backends_used |= copier.used
+            if self.on_published is not None:
+                self.on_published(
+                    Published(planned.name, planned.size, checksum, info.st_mtime_ns, info.st_ino)
+                )
         log.debug("wrote %s (%d bytes)", final, planned.size)
 
     def _preallocate(self, fd: int, size: int, copier: Copier) -> None:
