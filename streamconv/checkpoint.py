@@ -106,17 +106,17 @@ def _check_link(root: Path, name: str, allow_external: bool) -> str | None:
     )
 
 
-def _stat_source(root: Path, name: str) -> SourceFile:
+def _stat_source(root: Path, name: str) -> SourceFile | str:
+    """The shard's identity, or why it cannot be read as a shard."""
     path = root / name
     try:
         info = os.stat(path)
-    except FileNotFoundError as error:
-        kind = "dangling symbolic link" if path.is_symlink() else "missing"
-        raise CheckpointError(f"shard is {kind}", path=path) from error
+    except FileNotFoundError:
+        return f"{name}: {'dangling symbolic link' if path.is_symlink() else 'missing'}"
     except OSError as error:
-        raise CheckpointError(f"cannot stat: {error.strerror}", path=path) from error
+        return f"{name}: cannot stat: {error.strerror}"
     if not stat.S_ISREG(info.st_mode):
-        raise CheckpointError("shard is not a regular file", path=path)
+        return f"{name}: not a regular file"
     return SourceFile(name, info.st_size, info.st_mtime_ns, info.st_ino, info.st_dev)
 
 
@@ -203,7 +203,9 @@ def load_checkpoint(root: str | Path, *, allow_external_links: bool = False) -> 
             problems.append(reason)
     raise_problems(CheckpointError, problems, path=root)
 
-    sources = tuple(_stat_source(root, name) for name in names)
+    stats = [_stat_source(root, name) for name in names]
+    raise_problems(CheckpointError, [s for s in stats if isinstance(s, str)], path=root)
+    sources = tuple(s for s in stats if isinstance(s, SourceFile))
     shards = tuple(read_header(root / name, name) for name in names)
     for source, shard in zip(sources, shards, strict=True):
         if source.size != shard.file_size:

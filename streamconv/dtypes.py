@@ -83,11 +83,21 @@ def numel(shape: Iterable[int]) -> int:
 
 
 def nbytes(dtype: str, shape: Iterable[int]) -> int:
-    """Bytes taken by a tensor; ValueError when they are not whole bytes or overflow u64."""
-    total_bits = numel(shape) * _BITS[dtype]
+    """Bytes taken by a tensor; ValueError when they are not whole bytes or overflow u64.
+
+    Like safetensors, the element count is multiplied out left to right and every partial
+    product must fit in 64 bits (so ``[2**40, 2**40, 2**40, 0]`` overflows although it is
+    empty).
+    """
+    dims = list(shape)
+    count = 1
+    for dim in dims:
+        count *= dim
+        if count > MAX_U64:
+            raise ValueError(f"size of shape {dims} overflows 64 bits (element count)")
+    total_bits = count * _BITS[dtype]
+    if total_bits > MAX_U64:
+        raise ValueError(f"size of shape {dims} overflows 64 bits")
     if total_bits % 8:
-        raise ValueError(f"{dtype} tensor of shape {list(shape)} does not fill whole bytes")
-    size = total_bits // 8
-    if size > MAX_U64:
-        raise ValueError(f"size of shape {list(shape)} overflows 64 bits")
-    return size
+        raise ValueError(f"{dtype} tensor of shape {dims} does not fill whole bytes")
+    return total_bits // 8

@@ -138,18 +138,23 @@ class _Draft:
     fused: bool
 
 
-def _ranges(numbers: Sequence[int]) -> str:
-    """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2, 5, 7-8"``."""
-    out: list[str] = []
-    start = prev = numbers[0]
-    for n in [*numbers[1:], None]:
-        if n is not None and n == prev + 1:
-            prev = n
-            continue
-        out.append(str(start) if start == prev else f"{start}-{prev}")
-        if n is not None:
-            start = prev = n
-    return ", ".join(out)
+def _missing(present: set[int], total: int, *, shown: int = 8) -> str:
+    """The numbers in ``range(total)`` not in ``present``, as compact ranges: "0-2, 5, 7-8".
+
+    Works from the present numbers only, so a huge ``total`` costs nothing.
+    """
+    gaps: list[tuple[int, int]] = []
+    expected = 0
+    for n in sorted(present):
+        if n > expected:
+            gaps.append((expected, n - 1))
+        expected = n + 1
+    if expected < total:
+        gaps.append((expected, total - 1))
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in gaps[:shown])
+    if len(gaps) > shown:
+        text += f" and {len(gaps) - shown} more ranges"
+    return text
 
 
 def _plan_group(
@@ -166,14 +171,16 @@ def _plan_group(
             group_problems.append(f"group {prefix!r}: expert {index} {part} given twice ({names})")
     experts = max(index for index, _ in members) + 1
     for part in fusion.parts:
-        missing = [e for e in range(experts) if (e, part) not in members]
-        if missing:
+        present = {index for index, p in members if p == part}
+        if len(present) < experts:
             group_problems.append(
-                f"group {prefix!r}: {part} missing for expert{'s' if len(missing) > 1 else ''} "
-                f"{_ranges(missing)} (of 0-{experts - 1})"
+                f"group {prefix!r}: {part} missing for experts "
+                f"{_missing(present, experts)} (of 0-{experts - 1})"
             )
     if group_problems:
-        problems.extend(group_problems)
+        files = sorted({r.file for records in members.values() for r in records})
+        where = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        problems.extend(f"{where}: {problem}" for problem in group_problems)
         return []
     drafts: list[_Draft] = []
     for output in fusion.outputs:

@@ -16,20 +16,50 @@ from .errors import InvalidInputError
 
 
 class _DuplicateKey(ValueError):
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, parent: str | None = None) -> None:
         super().__init__(key)
         self.key = key
+        self.parent = parent
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _DuplicateKey(key)
-            seen.add(key)
-    return result
+class _Duplicated(dict[str, Any]):
+    """An object with a duplicate key, handed up so its parent can name where it is."""
+
+    def __init__(self, pairs: list[tuple[str, Any]], key: str) -> None:
+        super().__init__(pairs)
+        self.duplicate = key
+
+
+def _pair_checker() -> tuple[Any, list[str]]:
+    """A pair hook that marks objects with a duplicate key, and the list of every one found."""
+    found: list[str] = []
+
+    def check(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        for key, value in pairs:
+            if isinstance(value, _Duplicated):
+                raise _DuplicateKey(value.duplicate, parent=key)
+        result = dict(pairs)
+        if len(result) != len(pairs):
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen:
+                    found.append(key)
+                    return _Duplicated(pairs, key)
+                seen.add(key)
+        return result
+
+    return check, found
+
+
+class _NegativeZero(ValueError):
+    pass
+
+
+def _parse_int(text: str) -> int:
+    # orjson reads the number -0 as the integer 0; safetensors' parser refuses it as a float.
+    if text == "-0":
+        raise _NegativeZero(text)
+    return int(text)
 
 
 def load_object(
@@ -51,9 +81,16 @@ def load_object(
     if not isinstance(document, dict):
         raise error(f"{what} must be a JSON object, found {type(document).__name__}", path=where)
     try:
-        json.loads(text, object_pairs_hook=_reject_duplicates)
+        hook, found = _pair_checker()
+        json.loads(text, object_pairs_hook=hook, parse_int=_parse_int)
+        if found:  # at the top level, or inside an array
+            raise _DuplicateKey(found[0])
     except _DuplicateKey as exc:
-        raise error(f"duplicate key in {what}", path=where, tensor=exc.key) from exc
+        if exc.parent is None:
+            raise error(f"duplicate key in {what}", path=where, tensor=exc.key) from exc
+        raise error(f"duplicate key in {what}: {exc.key!r}", path=where, tensor=exc.parent) from exc
+    except _NegativeZero as exc:
+        raise error(f"{what} holds the number -0, which is not an integer", path=where) from exc
     except RecursionError as exc:
         raise error(f"{what} JSON is nested too deeply", path=where) from exc
     return document

@@ -1,0 +1,603 @@
+"""Verify a conversion byte for byte against the plan re-derived from its input.
+
+:func:`verify_conversion` reads the input's headers, plans the conversion again and checks the
+output directory against that plan: the same set of files; every output header valid, equal to
+the planned bytes and accepted by ``safetensors.safe_open`` with the planned keys; every output
+tensor equal to the concatenation of its source pieces (streamed: two reusable 8 MiB buffers per
+worker, ``os.preadv`` and a ``memcmp``-speed compare, output files in parallel); the index equal
+to the planned one and consistent with the output headers; every other input file and folder
+copied identically. Problems are collected, never raised; the input being unreadable or not
+plannable is an :class:`~streamconv.errors.InvalidInputError` (nothing to verify against).
+
+``VerifyReport.to_dict()`` fields (stable): ``ok`` (bool), ``mode`` (``"plan"`` or
+``"manifest"``), ``input`` (str or null), ``output`` (str), ``files_checked``,
+``tensors_checked``, ``bytes_compared`` (output-side bytes compared; both sides are read),
+``seconds``, ``throughput`` (bytes_compared per second), ``problems``: a list of
+``{"kind", "file", "tensor", "offset", "reason"}``. ``file`` is relative to the output directory
+(``input:NAME`` for an input shard); ``tensor`` and ``offset`` (absolute byte offset of the
+first difference in the output file) may be null. Kinds: ``missing``, ``extra``, ``temp``,
+``size``, ``header``, ``header-invalid``, ``safe_open``, ``data``, ``index``, ``copy``,
+``input``, ``io``, ``manifest``, ``hash``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from safetensors import safe_open
+
+from .checkpoint import INDEX_NAME, load_checkpoint
+from .convert import plan_checkpoint
+from .errors import InvalidInputError, UsageError
+from .header import FileHeader, read_header
+from .plan import Plan, PlannedFile, PlannedTensor
+from .progress import Progress, human_bytes
+from .rules import HYV3, RuleSet
+from .writer import is_temp_name
+
+BUFFER = 8 * 1024 * 1024
+#: Data mismatches reported per output file before the rest are summarised.
+MAX_PER_FILE = 50
+MANIFEST_NAME = "streamconv-manifest.json"
+STATE_DIR = ".streamconv"  # the run-state folder of streamconv.state
+ALLOWED_EXTRA = frozenset({MANIFEST_NAME, STATE_DIR})
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    kind: str
+    file: str
+    reason: str
+    tensor: str | None = None
+    offset: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "file": self.file,
+            "tensor": self.tensor,
+            "offset": self.offset,
+            "reason": self.reason,
+        }
+
+    def __str__(self) -> str:
+        where = self.file
+        if self.tensor is not None:
+            where += f": tensor {self.tensor!r}"
+        if self.offset is not None:
+            where += f" at byte {self.offset}"
+        return f"{where}: {self.reason}"
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    mode: str
+    input: str | None
+    output: str
+    problems: tuple[Problem, ...]
+    files_checked: int
+    tensors_checked: int
+    bytes_compared: int
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def throughput(self) -> float:
+        """Bytes compared per second."""
+        return self.bytes_compared / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "mode": self.mode,
+            "input": self.input,
+            "output": self.output,
+            "files_checked": self.files_checked,
+            "tensors_checked": self.tensors_checked,
+            "bytes_compared": self.bytes_compared,
+            "seconds": round(self.seconds, 6),
+            "throughput": round(self.throughput, 1),
+            "problems": [p.to_dict() for p in self.problems],
+        }
+
+
+def render_verify(report: VerifyReport, *, shown: int = 50) -> str:
+    """A few human lines: the verdict, the numbers, then each problem."""
+    verdict = "OK" if report.ok else f"FAILED: {len(report.problems)} problem(s)"
+    lines = [
+        f"verify ({report.mode}) {report.output}: {verdict}",
+        f"  {report.files_checked} files, {report.tensors_checked} tensors, "
+        f"{human_bytes(report.bytes_compared)} compared in {report.seconds:.2f}s "
+        f"({human_bytes(report.throughput)}/s)",
+    ]
+    lines += [f"  {p.kind:<14} {p}" for p in report.problems[:shown]]
+    if len(report.problems) > shown:
+        lines.append(f"  ... and {len(report.problems) - shown} more")
+    return "\n".join(lines)
+
+
+class _SourceShort(Exception):
+    def __init__(self, source: str, offset: int) -> None:
+        super().__init__(source, offset)
+        self.source = source
+        self.offset = offset
+
+
+@dataclass(frozen=True, slots=True)
+class _Seg:
+    """``length`` bytes at ``start`` of the output must equal ``src`` at ``src_offset``."""
+
+    start: int
+    src: str
+    src_offset: int
+    length: int
+
+
+def _read_into(fd: int, view: memoryview, offset: int) -> int:
+    """Fill ``view`` from ``fd`` at ``offset``; returns the bytes read (short only at EOF)."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+class _Buffers(threading.local):
+    size = BUFFER
+
+    def get(self) -> tuple[bytearray, bytearray]:
+        pair: tuple[bytearray, bytearray] | None = getattr(self, "pair", None)
+        if pair is None or len(pair[0]) != self.size:
+            pair = (bytearray(self.size), bytearray(self.size))
+            self.pair = pair
+        return pair
+
+
+_BUFFERS = _Buffers()
+
+
+def compare_ranges(
+    out_fd: int,
+    start: int,
+    end: int,
+    segments: Sequence[_Seg],
+    *,
+    sources: Mapping[str, int],
+    on_diff: Callable[[np.ndarray], bool],
+    advance: Callable[[int], None] = lambda n: None,
+    cancel: threading.Event | None = None,
+    buffer_size: int = BUFFER,
+) -> int:
+    """Compare output bytes ``[start, end)`` with ``segments`` (which tile that range).
+
+    ``on_diff`` gets the absolute offsets of differing bytes of one window (sorted) and returns
+    False to stop. Returns the bytes compared; stops early at the output's end of file. Raises
+    :class:`_SourceShort` when a source ends before a segment does.
+    """
+    _BUFFERS.size = buffer_size
+    out_buf, src_buf = _BUFFERS.get()
+    out_view, src_view = memoryview(out_buf), memoryview(src_buf)
+    compared = 0
+    index = 0
+    position = start
+    while position < end:
+        if cancel is not None and cancel.is_set():
+            raise KeyboardInterrupt
+        count = min(buffer_size, end - position)
+        got = _read_into(out_fd, out_view[:count], position)
+        stop = position + count
+        while index < len(segments) and segments[index].start < stop:
+            seg = segments[index]
+            lo, hi = max(seg.start, position), min(seg.start + seg.length, stop)
+            src_at = seg.src_offset + lo - seg.start
+            if _read_into(sources[seg.src], src_view[lo - position : hi - position], src_at) < (
+                hi - lo
+            ):
+                raise _SourceShort(seg.src, src_at)
+            if seg.start + seg.length > stop:
+                break
+            index += 1
+        if got == buffer_size:
+            same = out_buf == src_buf
+        else:
+            a = np.frombuffer(out_buf, np.uint8, got)
+            same = bool(np.array_equal(a, np.frombuffer(src_buf, np.uint8, got)))
+        if not same:
+            a = np.frombuffer(out_buf, np.uint8, got)
+            diffs = np.flatnonzero(a != np.frombuffer(src_buf, np.uint8, got)) + position
+            if not on_diff(diffs):
+                return compared + got
+        compared += got
+        advance(got)
+        if got < count:
+            break
+        position = stop
+    return compared
+
+
+def _segments(planned: PlannedFile) -> list[_Seg]:
+    out: list[_Seg] = []
+    for tensor in planned.tensors:
+        at = tensor.offset
+        for piece in tensor.pieces:
+            if piece.length:
+                last = out[-1] if out else None
+                if (
+                    last is not None
+                    and last.src == piece.source
+                    and last.start + last.length == at
+                    and last.src_offset + last.length == piece.offset
+                ):
+                    length = last.length + piece.length
+                    out[-1] = _Seg(last.start, last.src, last.src_offset, length)
+                else:
+                    out.append(_Seg(at, piece.source, piece.offset, piece.length))
+            at += piece.length
+    return out
+
+
+def first_difference(a: bytes, b: bytes) -> int:
+    """Index of the first byte where ``a`` and ``b`` differ (``min(len)`` if one is a prefix)."""
+    n = min(len(a), len(b))
+    x = np.frombuffer(a, np.uint8, n)
+    diffs = np.flatnonzero(x != np.frombuffer(b, np.uint8, n))
+    return int(diffs[0]) if len(diffs) else n
+
+
+@dataclass
+class _Result:
+    problems: list[Problem] = field(default_factory=list)
+    compared: int = 0
+    tensors: int = 0
+    files: int = 0
+
+
+class _Verifier:
+    def __init__(
+        self,
+        out_dir: Path,
+        in_dir: Path,
+        *,
+        sources: Mapping[str, int],
+        advance: Callable[[int], None],
+        cancel: threading.Event,
+        buffer_size: int,
+    ) -> None:
+        self.out_dir = out_dir
+        self.in_dir = in_dir
+        self.sources = sources
+        self.advance = advance
+        self.cancel = cancel
+        self.buffer_size = buffer_size
+        self.headers: dict[str, FileHeader] = {}  # output headers that parsed
+
+    def shard(self, planned: PlannedFile) -> _Result:
+        result = _Result(files=1, tensors=len(planned.tensors))
+        path = self.out_dir / planned.name
+        problems = result.problems
+
+        def add(kind: str, reason: str, tensor: str | None = None, at: int | None = None) -> None:
+            problems.append(Problem(kind, planned.name, reason, tensor, at))
+
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as error:
+            add("io", f"cannot open: {error.strerror}")
+            return result
+        try:
+            size = os.fstat(fd).st_size
+            if size != planned.size:
+                state = "truncated" if size < planned.size else "too long"
+                add("size", f"{state}: {size} bytes, planned {planned.size}")
+            head = os.pread(fd, len(planned.header), 0)
+            result.compared += len(head)
+            if head != planned.header:
+                at = first_difference(head, planned.header)
+                add("header", "header bytes differ from the planned header", at=at)
+            self._parse(path, planned, add)
+            self._data(fd, planned, result, add)
+        except OSError as error:
+            add("io", f"read failed: {error.strerror}")
+        finally:
+            os.close(fd)
+        return result
+
+    def _parse(self, path: Path, planned: PlannedFile, add: Callable[..., None]) -> None:
+        try:
+            self.headers[planned.name] = read_header(path)
+        except InvalidInputError as error:
+            add("header-invalid", f"not a valid safetensors file: {error.reason}", error.tensor)
+        try:
+            with safe_open(str(path), framework="numpy") as handle:
+                keys = set(handle.keys())
+        except Exception as error:
+            add("safe_open", f"safetensors.safe_open refused it: {error}")
+            return
+        names = {t.name for t in planned.tensors}
+        for name in sorted(names - keys):
+            add("safe_open", "planned tensor missing from the file", name)
+        for name in sorted(keys - names):
+            add("safe_open", "tensor not in the plan", name)
+
+    def _data(
+        self, fd: int, planned: PlannedFile, result: _Result, add: Callable[..., None]
+    ) -> None:
+        tensors = [t for t in planned.tensors if t.length]
+        starts = [t.offset for t in tensors]
+        reported: set[str] = set()
+
+        def on_diff(diffs: np.ndarray) -> bool:
+            i = 0
+            while i < len(diffs):
+                at = int(diffs[i])
+                tensor = tensors[bisect.bisect_right(starts, at) - 1]
+                if tensor.name not in reported:
+                    if len(reported) >= MAX_PER_FILE:
+                        add("data", f"more differing tensors after {MAX_PER_FILE}; not listed")
+                        return False
+                    reported.add(tensor.name)
+                    add("data", _describe(tensor, at), tensor.name, at)
+                i = int(np.searchsorted(diffs, tensor.offset + tensor.length))
+            return True
+
+        try:
+            result.compared += compare_ranges(
+                fd,
+                len(planned.header),
+                planned.size,
+                _segments(planned),
+                sources=self.sources,
+                on_diff=on_diff,
+                advance=self.advance,
+                cancel=self.cancel,
+                buffer_size=self.buffer_size,
+            )
+        except _SourceShort as short:
+            result.problems.append(
+                Problem(
+                    "input",
+                    f"input:{short.source}",
+                    "input file is shorter than its header says (changed since it was read?)",
+                    offset=short.offset,
+                )
+            )
+
+    def copied(self, name: str) -> _Result:
+        result = _Result()
+        for rel, src, kind in _walk(self.in_dir / name, name):
+            dst = self.out_dir / rel
+            if kind == "dir":
+                if not dst.is_dir():
+                    reason = "is not a folder" if dst.exists() else "copied folder missing"
+                    result.problems.append(Problem("copy", rel, reason))
+                    continue
+                expected = {e.name for e in os.scandir(src)}
+                for extra in sorted({e.name for e in os.scandir(dst)} - expected):
+                    result.problems.append(Problem("copy", f"{rel}/{extra}", "not in the input"))
+                continue
+            result.files += 1
+            self._copied_file(src, dst, rel, result)
+        return result
+
+    def _copied_file(self, src: Path, dst: Path, rel: str, result: _Result) -> None:
+        if not dst.is_file():
+            reason = "is not a file" if dst.exists() else "copied file missing"
+            result.problems.append(Problem("copy", rel, reason))
+            return
+        try:
+            with open(src, "rb") as a, open(dst, "rb") as b:
+                sizes = os.fstat(a.fileno()).st_size, os.fstat(b.fileno()).st_size
+                found: list[int] = []
+
+                def on_diff(diffs: np.ndarray) -> bool:
+                    found.append(int(diffs[0]))
+                    return False
+
+                seg = [_Seg(0, "src", 0, min(sizes))]
+                result.compared += compare_ranges(
+                    b.fileno(),
+                    0,
+                    min(sizes),
+                    seg,
+                    sources={"src": a.fileno()},
+                    on_diff=on_diff,
+                    advance=self.advance,
+                    cancel=self.cancel,
+                    buffer_size=self.buffer_size,
+                )
+        except (OSError, _SourceShort) as error:
+            result.problems.append(Problem("io", rel, f"cannot compare: {error}"))
+            return
+        if found:
+            result.problems.append(Problem("copy", rel, "differs from the input", offset=found[0]))
+        elif sizes[0] != sizes[1]:
+            reason = f"{sizes[1]} bytes, the input has {sizes[0]}"
+            result.problems.append(Problem("copy", rel, reason, offset=min(sizes)))
+
+
+def _describe(tensor: PlannedTensor, at: int) -> str:
+    inside = at - tensor.offset
+    position = 0
+    for piece in tensor.pieces:
+        if position + piece.length > inside:
+            where = piece.offset + inside - position
+            kind = "fused tensor" if tensor.fused else "tensor"
+            return (
+                f"{kind} bytes differ from the source: byte {inside} of the tensor, from "
+                f"{piece.tensor!r} in input {piece.source} at byte {where}"
+            )
+        position += piece.length
+    return f"tensor bytes differ from the source at byte {inside} of the tensor"
+
+
+def _walk(path: Path, rel: str, depth: int = 0) -> Iterator[tuple[str, Path, str]]:
+    """``(relative name, path, "file"|"dir")`` for ``path`` and, if a folder, its contents."""
+    if path.is_dir() and depth < 64:
+        yield rel, path, "dir"
+        for entry in sorted(os.scandir(path), key=lambda e: e.name):
+            yield from _walk(Path(entry.path), f"{rel}/{entry.name}", depth + 1)
+    else:
+        yield rel, path, "file"
+
+
+def check_index(plan: Plan, out_dir: Path, headers: Mapping[str, FileHeader]) -> list[Problem]:
+    """The output index against the planned one and against the output headers that parsed."""
+    assert plan.index is not None
+    problems: list[Problem] = []
+
+    def add(reason: str, tensor: str | None = None, at: int | None = None) -> None:
+        problems.append(Problem("index", INDEX_NAME, reason, tensor, at))
+
+    try:
+        raw = (out_dir / INDEX_NAME).read_bytes()
+    except OSError as error:
+        problems.append(Problem("io", INDEX_NAME, f"cannot read: {error.strerror}"))
+        return problems
+    planned = orjson.loads(plan.index)
+    try:
+        actual = orjson.loads(raw)
+        if not isinstance(actual, dict):
+            raise ValueError("not an object")
+    except ValueError as error:
+        add(f"not a valid JSON object: {error}")
+        return problems
+    weight_map = actual.get("weight_map")
+    if not isinstance(weight_map, dict):
+        weight_map = {}
+        add('no "weight_map" object')
+    expected_map: dict[str, str] = planned["weight_map"]
+    names = {name: {t.name for t in header.tensors} for name, header in headers.items()}
+    for key, name in expected_map.items():
+        found = weight_map.get(key)
+        if found is None:
+            add("tensor missing from the weight_map", key)
+        elif found != name:
+            add(f"weight_map names {found!r}, planned {name!r}", key)
+        elif name in names and key not in names[name]:
+            add(f"weight_map names {name!r}, whose header lacks it", key)
+    for key in sorted(set(weight_map) - set(expected_map)):
+        add(f"weight_map entry not in the plan (names {weight_map[key]!r})", key)
+    metadata = actual.get("metadata")
+    total = metadata.get("total_size") if isinstance(metadata, dict) else None
+    if total != plan.total_size:
+        add(f"total_size is {total!r}, expected {plan.total_size} (sum of tensor bytes)")
+    elif metadata != planned["metadata"]:
+        add(f"metadata is {metadata!r}, planned {planned['metadata']!r}")
+    if not problems and raw != plan.index:
+        add("bytes differ from the planned index", at=first_difference(raw, plan.index))
+    return problems
+
+
+def _file_set(plan: Plan, others: Sequence[str], out_dir: Path) -> list[Problem]:
+    expected = {f.name for f in plan.files} | set(others)
+    if plan.index is not None:
+        expected.add(INDEX_NAME)
+    actual = set(os.listdir(out_dir))
+    problems = [Problem("missing", n, "planned output file missing") for n in expected - actual]
+    for name in actual - expected:
+        if name in ALLOWED_EXTRA:
+            continue
+        if is_temp_name(name):
+            problems.append(Problem("temp", name, "temporary file left by an interrupted run"))
+        else:
+            problems.append(Problem("extra", name, "not part of the conversion"))
+    return problems
+
+
+def _order(problems: list[Problem]) -> tuple[Problem, ...]:
+    return tuple(sorted(problems, key=lambda p: (p.file, p.offset or -1, p.kind, p.tensor or "")))
+
+
+def _total(path: Path) -> int:
+    if path.is_dir():
+        return sum(_total(Path(e.path)) for e in os.scandir(path))
+    return path.stat().st_size if path.is_file() else 0
+
+
+def verify_conversion(
+    input_dir: str | Path,
+    output_dir: str | Path,
+    rules: RuleSet = HYV3,
+    *,
+    workers: int = 2,
+    allow_external_links: bool = False,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+    buffer_size: int = BUFFER,
+) -> VerifyReport:
+    """Check ``output_dir`` against the plan re-derived from ``input_dir``; never raises for a
+    mismatch (see :class:`VerifyReport`). Raises :class:`InvalidInputError` when the input
+    cannot be read or planned, :class:`UsageError` when ``output_dir`` is not a directory."""
+    started = time.monotonic()
+    in_dir, out_dir = Path(input_dir), Path(output_dir)
+    if not out_dir.is_dir():
+        raise UsageError("output is not a directory", path=out_dir)
+    checkpoint = load_checkpoint(in_dir, allow_external_links=allow_external_links)
+    plan = plan_checkpoint(checkpoint, rules)
+    progress = progress or Progress()
+    cancel = cancel or threading.Event()
+    problems = _file_set(plan, checkpoint.others, out_dir)
+    present = set(os.listdir(out_dir))
+    shards = [f for f in plan.files if f.name in present]
+    others = [n for n in checkpoint.others if n in present]
+    progress.start(sum(f.size for f in shards) + sum(_total(in_dir / n) for n in others))
+    fds: dict[str, int] = {}
+    results: list[_Result] = []
+    try:
+        for source in checkpoint.sources:
+            fds[source.name] = os.open(in_dir / source.name, os.O_RDONLY | os.O_CLOEXEC)
+        verifier = _Verifier(
+            out_dir,
+            in_dir,
+            sources=fds,
+            advance=progress.advance,
+            cancel=cancel,
+            buffer_size=buffer_size,
+        )
+        jobs: list[Callable[[], _Result]] = [
+            *(partial(verifier.shard, f) for f in sorted(shards, key=lambda f: (-f.size, f.name))),
+            *(partial(verifier.copied, n) for n in others),
+        ]
+        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="verify") as pool:
+            futures = [pool.submit(job) for job in jobs]
+            try:
+                results = [future.result() for future in futures]
+            except BaseException:
+                cancel.set()
+                raise
+        if plan.index is not None and INDEX_NAME in present:
+            results.append(_Result(check_index(plan, out_dir, verifier.headers), files=1))
+    except OSError as error:
+        raise InvalidInputError(f"cannot open input: {error.strerror}", path=in_dir) from error
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+        progress.finish()
+    for result in results:
+        problems += result.problems
+    return VerifyReport(
+        mode="plan",
+        input=str(in_dir),
+        output=str(out_dir),
+        problems=_order(problems),
+        files_checked=sum(r.files for r in results),
+        tensors_checked=sum(r.tensors for r in results),
+        bytes_compared=sum(r.compared for r in results),
+        seconds=time.monotonic() - started,
+    )
