@@ -122,7 +122,10 @@ def _stat_source(root: Path, name: str) -> SourceFile | str:
 
 def _read_index(path: Path) -> tuple[dict[str, str], tuple[tuple[str, Any], ...] | None]:
     try:
-        size = path.stat().st_size
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointError("index is not a regular file", path=path)
+        size = info.st_size
         if size > MAX_INDEX_SIZE:
             raise CheckpointError(f"index is {size} bytes, larger than any real index", path=path)
         raw = path.read_bytes()
@@ -137,6 +140,8 @@ def _read_index(path: Path) -> tuple[dict[str, str], tuple[tuple[str, Any], ...]
             raise CheckpointError(
                 f"weight_map value must be a file name, found {shard!r}", path=path, tensor=key
             )
+    if not weight_map:
+        raise CheckpointError('index "weight_map" lists no tensors', path=path)
     metadata = document.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise CheckpointError('index "metadata" must be an object', path=path)
@@ -231,6 +236,15 @@ def load_checkpoint(root: str | Path, *, allow_external_links: bool = False) -> 
 
     taken = set(names) | ({INDEX_NAME} if layout == "index" else set())
     others = tuple(e for e in entries if e not in taken)
+    for name in others:
+        try:
+            mode = os.stat(root / name).st_mode
+        except OSError as error:
+            problems.append(f"{name}: cannot stat: {error.strerror}")
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            problems.append(f"{name}: not a regular file or folder, cannot be copied")
+    raise_problems(CheckpointError, problems, path=root)
     return Checkpoint(
         root=root,
         layout=layout,

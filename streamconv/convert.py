@@ -128,17 +128,9 @@ def convert(
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     check_directories(input_dir, output_dir)
     started = time.monotonic()
+    previous = check_output(output_dir)
     checkpoint = load_checkpoint(input_dir, allow_external_links=options.allow_external_links)
     plan = plan_checkpoint(checkpoint, options.rules)
-    log.info(
-        "plan: %d tensors in %d files, %d bytes; %d expert groups (%d split across shards)",
-        plan.tensor_count,
-        len(plan.files),
-        plan.total_bytes,
-        len(plan.groups),
-        sum(g.split for g in plan.groups),
-    )
-    previous = check_output(output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -191,6 +183,14 @@ def _run(
         sum(f.size for f in todo) + sum(_entry_size(p) for p in others) + len(plan.index or b"")
     )
     _check_space(output_dir, needed)
+    log.info(
+        "plan: %d tensors in %d files, %d bytes; %d expert groups (%d split across shards)",
+        plan.tensor_count,
+        len(plan.files),
+        plan.total_bytes,
+        len(plan.groups),
+        sum(g.split for g in plan.groups),
+    )
 
     state = decision.state
     save_state(output_dir, state, sync=sync)

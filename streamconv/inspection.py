@@ -354,7 +354,7 @@ def render_inspection(ins: Inspection, *, limit: int = 12) -> str:
     pwidth = max((len(g.prefix) for g in shown), default=0)
     for group in shown:
         members = ", ".join(f"{m.part} {m.dtype} {_shape(m.shape)}" for m in group.members)
-        missing = f", {group.missing} missing" if group.missing else ""
+        missing = f", {group.missing} member(s) missing" if group.missing else ""
         lines.append(
             f"{'':<10} {group.prefix:<{pwidth}} {group.experts:>4} experts{missing}; "
             f"{members}; {_span(group, ins.shards)}"

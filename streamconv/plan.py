@@ -254,7 +254,7 @@ def build_plan(
     for shard in shards:
         for record in shard.tensors:
             for number, fusion in enumerate(rules.fusions):
-                match = fusion.compiled.match(record.name)
+                match = fusion.compiled.fullmatch(record.name)
                 if match and match["part"] in fusion.parts:
                     key = (int(match["index"]), match["part"])
                     groups[(number, match["prefix"])][key].append(record)

@@ -5,7 +5,7 @@ A :class:`RuleSet` has ordered renames and expert fusions:
 * Renames: the FIRST rename whose ``source`` text occurs in a key is applied (every occurrence
   replaced) and no later rename is tried.
 * Fusions: keys matching ``pattern`` (named groups ``prefix``, ``index``, ``part``; matched on the
-  original key) form one group per prefix. Each :class:`FusedOutput` becomes the tensor
+  original key, whole, with ASCII classes) form one group per prefix. Each :class:`FusedOutput` becomes the tensor
   ``prefix + suffix`` of shape ``[E, sum of the parts' dim 0, *rest]``: for every expert in
   order, the parts concatenated along dim 0 (in the order given), stacked over experts. That is
   a plain concatenation of the members' bytes. Fused names are not renamed.
@@ -37,7 +37,9 @@ class Fusion:
     compiled: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        compiled = re.compile(self.pattern)
+        # ASCII: \d means 0-9 only; keys are matched whole (fullmatch), so "$" cannot match
+        # before a trailing newline.
+        compiled = re.compile(self.pattern, re.ASCII)
         missing = {"prefix", "index", "part"} - set(compiled.groupindex)
         if missing:
             raise ValueError(f"fusion pattern lacks the named groups {sorted(missing)}")

@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import safetensors
 
-EXPERT = re.compile(r"^(.*\.mlp\.experts\.)(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+EXPERT = re.compile(
+    r"(.*\.mlp\.experts\.)([0-9]+)\.(gate_proj|up_proj|down_proj)\.weight", re.DOTALL
+)
 RENAMES = [
     ("mlp.router.gate.", "mlp.gate."),
     ("mlp.expert_bias", "mlp.e_score_correction_bias"),
@@ -83,7 +85,7 @@ def reference_convert(root: Path) -> dict[str, dict[str, tuple[str, np.ndarray]]
     for path in files:
         tensors, _ = load_raw(path)
         for name, (dtype, array) in tensors.items():
-            match = EXPERT.match(name)
+            match = EXPERT.fullmatch(name)
             if match:
                 prefix, index, part = match.group(1), int(match.group(2)), match.group(3)
                 groups.setdefault(prefix, {})[(index, part)] = (dtype, array, path.name)
