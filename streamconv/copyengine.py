@@ -90,8 +90,6 @@ class Copier:
         progress: Progress,
         cancel: threading.Event,
         same_device: Callable[[str], bool],
-        *,
-        sync: bool = True,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}")
@@ -100,7 +98,6 @@ class Copier:
         self.progress = progress
         self.cancel = cancel
         self.same_device = same_device
-        self.sync = sync
         self._buffer: bytearray | None = None
         self.used: set[str] = set()
 
@@ -171,25 +168,34 @@ class Copier:
         self.used.add("pread")
 
     def _run_mmap(self, out_fd: int, out_size: int, copies: Sequence[Copy]) -> None:
-        with mmap.mmap(out_fd, out_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_WRITE) as mapped:
-            view = memoryview(mapped)
-            try:
-                for copy in copies:
-                    src_fd = self.sources[copy.source]
-                    done = 0
-                    while done < copy.length:
-                        self._check_cancel()
-                        want = min(CHUNK, copy.length - done)
-                        start = copy.dst_offset + done
-                        n = os.preadv(src_fd, [view[start : start + want]], copy.src_offset + done)
-                        if n == 0:
-                            raise _short(copy.source, copy.src_offset + done)
-                        done += n
-                        self.progress(n)
-                if self.sync:
-                    mapped.flush()
-            finally:
-                view.release()
+        """Map the output one window at a time (so resident memory stays bounded) and read
+        each source range straight into the mapping. Pages dirtied through the mapping are
+        ordinary page-cache pages of the file: the writer's fsync makes them durable."""
+        granularity = mmap.ALLOCATIONGRANULARITY
+        for copy in copies:
+            src_fd = self.sources[copy.source]
+            done = 0
+            while done < copy.length:
+                self._check_cancel()
+                want = min(CHUNK, copy.length - done)
+                start = copy.dst_offset + done
+                base = start - start % granularity
+                with mmap.mmap(
+                    out_fd,
+                    start + want - base,
+                    flags=mmap.MAP_SHARED,
+                    prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                    offset=base,
+                ) as window:
+                    view = memoryview(window)
+                    try:
+                        n = os.preadv(src_fd, [view[start - base :]], copy.src_offset + done)
+                    finally:
+                        view.release()
+                if n == 0:
+                    raise _short(copy.source, copy.src_offset + done)
+                done += n
+                self.progress(n)
         self.used.add("mmap")
 
 

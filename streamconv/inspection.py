@@ -157,20 +157,23 @@ def find_groups(shards: list[FileHeader], rules: RuleSet) -> tuple[GroupInfo, ..
     """The expert groups that ``rules``' fusions find in ``shards`` (however incomplete)."""
     found: dict[tuple[int, str], list[tuple[int, str, str, tuple[int, ...], str, int]]]
     found = defaultdict(list)
+    matchers = [(f.compiled.match, frozenset(f.parts)) for f in rules.fusions]
     for shard in shards:
         for record in shard.tensors:
-            for number, fusion in enumerate(rules.fusions):
-                match = fusion.compiled.match(record.name)
-                if match and match["part"] in fusion.parts:
-                    member = (
-                        int(match["index"]),
-                        match["part"],
-                        record.dtype,
-                        record.shape,
-                        shard.file,
-                        record.length,
+            for number, (match_name, wanted) in enumerate(matchers):
+                match = match_name(record.name)
+                if match and match["part"] in wanted:
+                    key = (number, match["prefix"])
+                    found[key].append(
+                        (
+                            int(match["index"]),
+                            match["part"],
+                            record.dtype,
+                            record.shape,
+                            shard.file,
+                            record.length,
+                        )
                     )
-                    found[(number, match["prefix"])].append(member)
                     break
     groups = []
     for (number, prefix), members in sorted(found.items(), key=lambda item: item[0][1]):

@@ -4,11 +4,12 @@ A :class:`RuleSet` has ordered renames and expert fusions:
 
 * Renames: the FIRST rename whose ``source`` text occurs in a key is applied (every occurrence
   replaced) and no later rename is tried.
-* Fusions: keys matching ``pattern`` (named groups ``prefix``, ``index``, ``part``; matched on the
-  original key, whole, with ASCII classes) form one group per prefix. Each :class:`FusedOutput` becomes the tensor
-  ``prefix + suffix`` of shape ``[E, sum of the parts' dim 0, *rest]``: for every expert in
-  order, the parts concatenated along dim 0 (in the order given), stacked over experts. That is
-  a plain concatenation of the members' bytes. Fused names are not renamed.
+* Fusions: keys matching ``pattern`` (named groups ``prefix``, ``index``, ``part``; matched on
+  the whole original key, with ASCII classes) form one group per prefix. Each
+  :class:`FusedOutput` becomes the tensor ``prefix + suffix`` of shape
+  ``[E, sum of the parts' dim 0, *rest]``: for every expert in order, the parts concatenated
+  along dim 0 (in the order given), stacked over experts. That is a plain concatenation of the
+  members' bytes. Fused names are not renamed.
 """
 
 from __future__ import annotations

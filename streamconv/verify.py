@@ -39,7 +39,7 @@ from safetensors import safe_open
 
 from .checkpoint import INDEX_NAME, load_checkpoint
 from .convert import plan_checkpoint
-from .errors import InvalidInputError, UsageError
+from .errors import InterruptedRun, InvalidInputError, UsageError
 from .header import FileHeader, read_header
 from .plan import Plan, PlannedFile, PlannedTensor
 from .progress import Progress, human_bytes
@@ -47,6 +47,8 @@ from .rules import HYV3, RuleSet
 from .writer import is_temp_name
 
 BUFFER = 8 * 1024 * 1024
+#: Output bytes per parallel task: files are cut at tensor ends so workers stay balanced.
+SLICE = 128 * 1024 * 1024
 #: Data mismatches reported per output file before the rest are summarised.
 MAX_PER_FILE = 50
 MANIFEST_NAME = "streamconv-manifest.json"
@@ -172,7 +174,7 @@ class _Buffers(threading.local):
 _BUFFERS = _Buffers()
 
 
-def compare_ranges(
+def _compare_ranges(
     out_fd: int,
     start: int,
     end: int,
@@ -194,11 +196,11 @@ def compare_ranges(
     out_buf, src_buf = _BUFFERS.get()
     out_view, src_view = memoryview(out_buf), memoryview(src_buf)
     compared = 0
-    index = 0
+    index = max(0, bisect.bisect_right(segments, start, key=lambda seg: seg.start) - 1)
     position = start
     while position < end:
         if cancel is not None and cancel.is_set():
-            raise KeyboardInterrupt
+            raise InterruptedRun("verification interrupted")
         count = min(buffer_size, end - position)
         got = _read_into(out_fd, out_view[:count], position)
         stop = position + count
@@ -252,6 +254,20 @@ def _segments(planned: PlannedFile) -> list[_Seg]:
     return out
 
 
+def _slices(planned: PlannedFile, size: int) -> list[tuple[int, int]]:
+    """The data region of ``planned`` in ranges of about ``size`` bytes, cut at tensor ends."""
+    out: list[tuple[int, int]] = []
+    lo = len(planned.header)
+    for tensor in planned.tensors:
+        end = tensor.offset + tensor.length
+        if end - lo >= size:
+            out.append((lo, end))
+            lo = end
+    if lo < planned.size or not out:
+        out.append((lo, planned.size))
+    return out
+
+
 def first_difference(a: bytes, b: bytes) -> int:
     """Index of the first byte where ``a`` and ``b`` differ (``min(len)`` if one is a prefix)."""
     n = min(len(a), len(b))
@@ -286,8 +302,12 @@ class _Verifier:
         self.cancel = cancel
         self.buffer_size = buffer_size
         self.headers: dict[str, FileHeader] = {}  # output headers that parsed
+        self._reported: dict[str, set[str]] = {}  # per file: tensors with a data problem
+        self._segment_cache: dict[str, list[_Seg]] = {}
+        self._lock = threading.Lock()
 
     def shard(self, planned: PlannedFile) -> _Result:
+        """Size, header bytes, header validity and safe_open keys of one output shard."""
         result = _Result(files=1, tensors=len(planned.tensors))
         path = self.out_dir / planned.name
         problems = result.problems
@@ -296,31 +316,28 @@ class _Verifier:
             problems.append(Problem(kind, planned.name, reason, tensor, at))
 
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            with open(path, "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                head = handle.read(len(planned.header))
         except OSError as error:
-            add("io", f"cannot open: {error.strerror}")
+            add("io", f"cannot read: {error.strerror}")
             return result
-        try:
-            size = os.fstat(fd).st_size
-            if size != planned.size:
-                state = "truncated" if size < planned.size else "too long"
-                add("size", f"{state}: {size} bytes, planned {planned.size}")
-            head = os.pread(fd, len(planned.header), 0)
-            result.compared += len(head)
-            if head != planned.header:
-                at = first_difference(head, planned.header)
-                add("header", "header bytes differ from the planned header", at=at)
-            self._parse(path, planned, add)
-            self._data(fd, planned, result, add)
-        except OSError as error:
-            add("io", f"read failed: {error.strerror}")
-        finally:
-            os.close(fd)
+        if size != planned.size:
+            state = "truncated" if size < planned.size else "too long"
+            add("size", f"{state}: {size} bytes, planned {planned.size}")
+        result.compared += len(head)
+        self.advance(len(head))
+        if head != planned.header:
+            at = first_difference(head, planned.header)
+            add("header", "header bytes differ from the planned header", at=at)
+        self._parse(path, planned, add)
         return result
 
     def _parse(self, path: Path, planned: PlannedFile, add: Callable[..., None]) -> None:
         try:
-            self.headers[planned.name] = read_header(path)
+            header = read_header(path)
+            with self._lock:
+                self.headers[planned.name] = header
         except InvalidInputError as error:
             add("header-invalid", f"not a valid safetensors file: {error.reason}", error.tensor)
         try:
@@ -335,39 +352,48 @@ class _Verifier:
         for name in sorted(keys - names):
             add("safe_open", "tensor not in the plan", name)
 
-    def _data(
-        self, fd: int, planned: PlannedFile, result: _Result, add: Callable[..., None]
-    ) -> None:
+    def data(self, planned: PlannedFile, lo: int, hi: int) -> _Result:
+        """Compare output bytes ``[lo, hi)`` of ``planned`` (cut at tensor ends) with sources."""
+        result = _Result()
         tensors = [t for t in planned.tensors if t.length]
         starts = [t.offset for t in tensors]
-        reported: set[str] = set()
+        with self._lock:
+            reported = self._reported.setdefault(planned.name, set())
+
+        def add(reason: str, tensor: str | None = None, at: int | None = None) -> None:
+            result.problems.append(Problem("data", planned.name, reason, tensor, at))
 
         def on_diff(diffs: np.ndarray) -> bool:
             i = 0
             while i < len(diffs):
                 at = int(diffs[i])
                 tensor = tensors[bisect.bisect_right(starts, at) - 1]
-                if tensor.name not in reported:
+                with self._lock:
                     if len(reported) >= MAX_PER_FILE:
-                        add("data", f"more differing tensors after {MAX_PER_FILE}; not listed")
+                        add(f"more than {MAX_PER_FILE} tensors differ; the rest are not listed")
                         return False
+                    new = tensor.name not in reported
                     reported.add(tensor.name)
-                    add("data", _describe(tensor, at), tensor.name, at)
+                if new:
+                    add(_describe(tensor, at), tensor.name, at)
                 i = int(np.searchsorted(diffs, tensor.offset + tensor.length))
             return True
 
         try:
-            result.compared += compare_ranges(
-                fd,
-                len(planned.header),
-                planned.size,
-                _segments(planned),
-                sources=self.sources,
-                on_diff=on_diff,
-                advance=self.advance,
-                cancel=self.cancel,
-                buffer_size=self.buffer_size,
-            )
+            with open(self.out_dir / planned.name, "rb", buffering=0) as handle:
+                result.compared += _compare_ranges(
+                    handle.fileno(),
+                    lo,
+                    hi,
+                    self._segments(planned),
+                    sources=self.sources,
+                    on_diff=on_diff,
+                    advance=self.advance,
+                    cancel=self.cancel,
+                    buffer_size=self.buffer_size,
+                )
+        except OSError as error:
+            add(f"cannot read: {error.strerror}")
         except _SourceShort as short:
             result.problems.append(
                 Problem(
@@ -377,6 +403,14 @@ class _Verifier:
                     offset=short.offset,
                 )
             )
+        return result
+
+    def _segments(self, planned: PlannedFile) -> list[_Seg]:
+        with self._lock:
+            found = self._segment_cache.get(planned.name)
+            if found is None:
+                found = self._segment_cache[planned.name] = _segments(planned)
+            return found
 
     def copied(self, name: str) -> _Result:
         result = _Result()
@@ -410,7 +444,7 @@ class _Verifier:
                     return False
 
                 seg = [_Seg(0, "src", 0, min(sizes))]
-                result.compared += compare_ranges(
+                result.compared += _compare_ranges(
                     b.fileno(),
                     0,
                     min(sizes),
@@ -570,10 +604,11 @@ def verify_conversion(
             cancel=cancel,
             buffer_size=buffer_size,
         )
-        jobs: list[Callable[[], _Result]] = [
-            *(partial(verifier.shard, f) for f in sorted(shards, key=lambda f: (-f.size, f.name))),
-            *(partial(verifier.copied, n) for n in others),
-        ]
+        jobs: list[Callable[[], _Result]] = [partial(verifier.shard, f) for f in shards]
+        for planned in sorted(shards, key=lambda f: (-f.size, f.name)):
+            for lo, hi in _slices(planned, SLICE):
+                jobs.append(partial(verifier.data, planned, lo, hi))
+        jobs += [partial(verifier.copied, n) for n in others]
         with ThreadPoolExecutor(max(1, workers), thread_name_prefix="verify") as pool:
             futures = [pool.submit(job) for job in jobs]
             try:

@@ -180,7 +180,6 @@ class FileWriter:
             self.progress,
             self.cancel,
             self._same_device.__getitem__,
-            sync=self.options.sync,
         )
         fd = -1
         try:
