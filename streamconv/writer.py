@@ -12,6 +12,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import shutil
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -66,6 +67,7 @@ def fsync_dir(directory: Path) -> None:
 @contextlib.contextmanager
 def open_sources(paths: Mapping[str, Path]) -> Iterator[dict[str, int]]:
     """Open every source read-only once; the descriptors are shared by all workers."""
+    _allow_descriptors(len(paths) + 64)
     fds: dict[str, int] = {}
     try:
         for name, path in paths.items():
@@ -77,6 +79,15 @@ def open_sources(paths: Mapping[str, Path]) -> Iterator[dict[str, int]]:
     finally:
         for fd in fds.values():
             os.close(fd)
+
+
+def _allow_descriptors(count: int) -> None:
+    """Raise the soft open-file limit (up to the hard limit) for checkpoints of many shards."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < count:
+        target = count if hard == resource.RLIM_INFINITY else min(count, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def publish_bytes(directory: Path, name: str, data: bytes, *, sync: bool) -> None:
