@@ -14,6 +14,8 @@ import orjson
 
 from .errors import InvalidInputError
 
+METADATA_KEY = "__metadata__"
+
 
 class _DuplicateKey(ValueError):
     def __init__(self, key: str, parent: str | None = None) -> None:
@@ -86,6 +88,9 @@ def load_object(
         if found:  # at the top level, or inside an array
             raise _DuplicateKey(found[0])
     except _DuplicateKey as exc:
+        if exc.parent == METADATA_KEY or (exc.parent is None and exc.key == METADATA_KEY):
+            inner = "" if exc.parent is None else f": {exc.key!r}"
+            raise error(f"duplicate key in {what} {METADATA_KEY}{inner}", path=where) from exc
         if exc.parent is None:
             raise error(f"duplicate key in {what}", path=where, tensor=exc.key) from exc
         raise error(f"duplicate key in {what}: {exc.key!r}", path=where, tensor=exc.parent) from exc

@@ -494,13 +494,13 @@ MALFORMED = [
     ),
     pytest.param(
         raw('{"__metadata__":{},"__metadata__":{}}'),
-        "tensor '__metadata__': duplicate key in header",
+        "bad.safetensors: duplicate key in header __metadata__",
         True,
         id="duplicate-metadata",
     ),
     pytest.param(
         raw('{"__metadata__":{"k":"a","k":"b"}}'),
-        "duplicate key in header: 'k'",
+        "bad.safetensors: duplicate key in header __metadata__: 'k'",
         False,
         id="duplicate-metadata-key",
     ),
