@@ -128,7 +128,7 @@ def convert(
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     check_directories(input_dir, output_dir)
     started = time.monotonic()
-    previous = check_output(output_dir)
+    previous = check_output(output_dir, restart=restart)
     checkpoint = load_checkpoint(input_dir, allow_external_links=options.allow_external_links)
     plan = plan_checkpoint(checkpoint, options.rules)
     try:

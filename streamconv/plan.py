@@ -10,7 +10,7 @@ first of them in sorted file-name order. Every problem is collected and raised t
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,6 +157,13 @@ def _missing(present: set[int], total: int, *, shown: int = 8) -> str:
     return text
 
 
+def _where(files: Iterable[str], shown: int = 3) -> str:
+    """The files a problem is about, for the start of its message."""
+    names = sorted(set(files))
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 def _plan_group(
     fusion: Fusion,
     prefix: str,
@@ -178,8 +185,7 @@ def _plan_group(
                 f"{_missing(present, experts)} (of 0-{experts - 1})"
             )
     if group_problems:
-        files = sorted({r.file for records in members.values() for r in records})
-        where = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        where = _where(r.file for records in members.values() for r in records)
         problems.extend(f"{where}: {problem}" for problem in group_problems)
         return []
     drafts: list[_Draft] = []
@@ -192,12 +198,14 @@ def _plan_group(
             for e in range(experts):
                 record = members[(e, part)][0]
                 if record.dtype != dtype or record.shape != first.shape:
+                    where = _where([record.file, first.file])
                     problems.append(
-                        f"{name}: member {record.name!r} is {record.dtype} {list(record.shape)}, "
-                        f"expected {dtype} {list(first.shape)} like {firsts[0].name!r}"
+                        f"{where}: {name}: member {record.name!r} is {record.dtype} "
+                        f"{list(record.shape)}, expected {dtype} {list(first.shape)} like "
+                        f"{firsts[0].name!r}"
                         if record.dtype != dtype
-                        else f"{name}: member {record.name!r} has shape {list(record.shape)}, "
-                        f"expected {list(first.shape)} like {first.name!r}"
+                        else f"{where}: {name}: member {record.name!r} has shape "
+                        f"{list(record.shape)}, expected {list(first.shape)} like {first.name!r}"
                     )
                     bad = True
                     break
@@ -205,7 +213,10 @@ def _plan_group(
             rests = {first.shape[1:] for first in firsts}
             if any(len(first.shape) == 0 for first in firsts) or len(rests) > 1:
                 shapes = ", ".join(f"{f.name!r} {list(f.shape)}" for f in firsts)
-                problems.append(f"{name}: parts cannot be concatenated along dim 0 ({shapes})")
+                problems.append(
+                    f"{_where(f.file for f in firsts)}: {name}: parts cannot be concatenated "
+                    f"along dim 0 ({shapes})"
+                )
                 bad = True
         if bad:
             continue
@@ -239,12 +250,14 @@ def build_plan(
     problems: list[str] = []
     shards = sorted(shards, key=lambda s: s.file)
     by_file: dict[str, list[_Draft]] = {s.file: [] for s in shards}
-    origin: dict[str, str] = {}  # output name -> the source key (or group) producing it
+    # output name -> (the source key or group producing it, the files it comes from)
+    origin: dict[str, tuple[str, tuple[str, ...]]] = {}
 
-    def claim(name: str, source: str) -> bool:
-        other = origin.setdefault(name, source)
+    def claim(name: str, source: str, files: tuple[str, ...]) -> bool:
+        other, other_files = origin.setdefault(name, (source, files))
         if other != source:
-            problems.append(f"{source!r} and {other!r} both become {name!r}")
+            where = _where((*files, *other_files))
+            problems.append(f"{where}: {source!r} and {other!r} both become {name!r}")
             return False
         return True
 
@@ -261,7 +274,7 @@ def build_plan(
                     break
             else:
                 name = rules.rename(record.name)
-                if claim(name, record.name):
+                if claim(name, record.name, (record.file,)):
                     piece = Piece(record.file, record.offset, record.length, record.name)
                     by_file[shard.file].append(
                         _Draft(name, record.dtype, record.shape, (piece,), fused=False)
@@ -273,7 +286,7 @@ def build_plan(
         sources = sorted({r.file for records in members.values() for r in records})
         target = sources[0]
         drafts = _plan_group(fusion, prefix, members, problems)
-        drafts = [d for d in drafts if claim(d.name, f"experts of {prefix!r}")]
+        drafts = [d for d in drafts if claim(d.name, f"experts of {prefix!r}", tuple(sources))]
         by_file[target].extend(drafts)
         planned_groups.append(
             FusedGroup(

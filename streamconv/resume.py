@@ -38,11 +38,21 @@ def foreign_entries(output_dir: Path) -> list[str]:
     return sorted(e for e in os.listdir(output_dir) if e != STATE_DIR)
 
 
-def check_output(output_dir: Path) -> RunState | None:
-    """The previous run's state, or None for a fresh directory; refuses a foreign one."""
+def check_output(output_dir: Path, *, restart: bool = False) -> RunState | None:
+    """The previous run's state, or None for a fresh directory; refuses a foreign one.
+
+    With ``restart``, an unreadable state still marks the directory as a previous run's (to be
+    discarded), instead of being an error.
+    """
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError("output exists and is not a directory", path=output_dir)
-    state = load_state(output_dir) if (state_dir(output_dir)).is_dir() else None
+    try:
+        state = load_state(output_dir) if (state_dir(output_dir)).is_dir() else None
+    except UsageError:
+        if not restart:
+            raise
+        log.warning("discarding an unreadable run state in %s", output_dir)
+        state = RunState(fingerprint="", outputs=())
     if state is None and foreign_entries(output_dir):
         raise UsageError(
             "output directory is not empty and holds no streamconv run",
@@ -75,7 +85,7 @@ def _still_published(output_dir: Path, record: Published, planned_size: int) -> 
         return False
     if record.size != planned_size or info.st_size != planned_size:
         return False
-    if (info.st_ino, info.st_mtime_ns) == (record.inode, record.mtime_ns):
+    if record.same_file(info):
         return True
     return record.checksum is not None and path_checksum(path, planned_size) == record.checksum
 
@@ -117,12 +127,7 @@ def decide(
             record = previous.find(planned.name)
             if record is not None and _still_published(output_dir, record, planned.size):
                 keep.add(planned.name)
-                info = os.stat(output_dir / planned.name)
-                kept.append(
-                    Published(
-                        record.name, record.size, record.checksum, info.st_mtime_ns, info.st_ino
-                    )
-                )
+                kept.append(Published.of(output_dir / planned.name, record.size, record.checksum))
         index = output_dir / INDEX_NAME
         index_ok = plan.index is None or (index.is_file() and index.read_bytes() == plan.index)
         others_ok = all((output_dir / name).exists() for name in others)

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 STATE_DIR = ".streamconv"
 STATE_FILE = "state.json"
 LOCK_FILE = "lock"
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 _HASH_CHUNK = 8 * 1024 * 1024
 
 
@@ -42,10 +42,24 @@ class Published:
     size: int
     checksum: str | None  # xxh3-128 hex; None when written with --no-sync
     mtime_ns: int
+    ctime_ns: int  # unlike mtime, no program can set it back
     inode: int
 
+    @classmethod
+    def of(cls, path: Path, size: int, checksum: str | None) -> Published:
+        info = os.stat(path)
+        return cls(path.name, size, checksum, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
+
+    def same_file(self, info: os.stat_result) -> bool:
+        """Whether ``info`` is still the very file that was published (not rewritten since)."""
+        return (info.st_ino, info.st_mtime_ns, info.st_ctime_ns) == (
+            self.inode,
+            self.mtime_ns,
+            self.ctime_ns,
+        )
+
     def to_list(self) -> list[object]:
-        return [self.name, self.size, self.checksum, self.mtime_ns, self.inode]
+        return [self.name, self.size, self.checksum, self.mtime_ns, self.ctime_ns, self.inode]
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,14 +96,24 @@ def fingerprint(checkpoint: Checkpoint, plan: Plan) -> str:
     """A digest of everything the output bytes depend on."""
     others = []
     for name in checkpoint.others:
-        info = os.stat(checkpoint.root / name)
-        others.append([name, info.st_size, info.st_mtime_ns])
+        for path in _walk(checkpoint.root / name):
+            info = os.stat(path)
+            relative = path.relative_to(checkpoint.root).as_posix()
+            others.append([relative, info.st_size, info.st_mtime_ns, info.st_ctime_ns])
     document = {
         "inputs": [[s.name, s.size, s.mtime_ns, s.inode] for s in checkpoint.sources],
         "others": others,
         "plan": hashlib.sha256(plan.to_json()).hexdigest(),
     }
     return hashlib.sha256(orjson.dumps(document)).hexdigest()
+
+
+def _walk(path: Path) -> Iterator[Path]:
+    """``path`` and, for a folder, everything below it (links followed), in sorted order."""
+    yield path
+    if path.is_dir():
+        for child in sorted(path.iterdir()):
+            yield from _walk(child)
 
 
 def state_dir(output_dir: Path) -> Path:
@@ -112,8 +136,8 @@ def load_state(output_dir: Path) -> RunState | None:
             fingerprint=str(data["fingerprint"]),
             outputs=tuple(str(n) for n in data["outputs"]),
             published=tuple(
-                Published(str(n), int(s), None if c is None else str(c), int(m), int(i))
-                for n, s, c, m, i in data["published"]
+                Published(str(n), int(s), None if c is None else str(c), int(m), int(t), int(i))
+                for n, s, c, m, t, i in data["published"]
             ),
             complete=bool(data["complete"]),
         )

@@ -91,7 +91,7 @@ def load_object(
         if exc.parent == METADATA_KEY or (exc.parent is None and exc.key == METADATA_KEY):
             inner = "" if exc.parent is None else f": {exc.key!r}"
             raise error(f"duplicate key in {what} {METADATA_KEY}{inner}", path=where) from exc
-        if exc.parent is None:
+        if exc.parent is None or exc.parent == "weight_map":  # a tensor name, in an index
             raise error(f"duplicate key in {what}", path=where, tensor=exc.key) from exc
         raise error(f"duplicate key in {what}: {exc.key!r}", path=where, tensor=exc.parent) from exc
     except _NegativeZero as exc:

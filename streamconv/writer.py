@@ -213,7 +213,7 @@ class FileWriter:
             os.replace(temp, final)
             if self.options.sync:
                 fsync_dir(self.directory)
-            info = os.stat(final)
+            published = Published.of(final, planned.size, checksum)
         except BaseException as error:
             if fd >= 0:
                 os.close(fd)
@@ -225,9 +225,7 @@ class FileWriter:
         with self._lock:
             self.backends_used |= copier.used
             if self.on_published is not None:
-                self.on_published(
-                    Published(planned.name, planned.size, checksum, info.st_mtime_ns, info.st_ino)
-                )
+                self.on_published(published)
         log.debug("wrote %s (%d bytes)", final, planned.size)
 
     def _preallocate(self, fd: int, size: int, copier: Copier) -> None:
