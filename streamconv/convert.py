@@ -98,6 +98,17 @@ def _check_unchanged(checkpoint: Checkpoint) -> None:
             raise SourceChangedError("input file changed during the conversion", path=path)
 
 
+def _make_durable(output_dir: Path, state: RunState) -> None:
+    """Kept shards that a --no-sync run wrote are fsynced before a durable run relies on them."""
+    for record in state.published:
+        if record.checksum is None:
+            fd = os.open(output_dir / record.name, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
 def plan_checkpoint(checkpoint: Checkpoint, rules: RuleSet) -> Plan:
     metadata = dict(checkpoint.index_metadata) if checkpoint.index_metadata is not None else None
     return build_plan(
@@ -178,6 +189,8 @@ def _run(
     todo = [f for f in plan.files if f.name not in decision.keep]
     if decision.keep:
         log.info("resuming: %d of %d shards already done", len(decision.keep), len(plan.files))
+    if sync:
+        _make_durable(output_dir, decision.state)
     others = [checkpoint.root / name for name in checkpoint.others]
     needed = (
         sum(f.size for f in todo) + sum(_entry_size(p) for p in others) + len(plan.index or b"")
