@@ -12,13 +12,16 @@ sizes, headers included), ``dtypes``: ``[{"dtype", "tensors", "bytes"}]``, ``sha
 ``[{"name", "size", "header_size", "tensors", "bytes", "metadata"}]``, ``index_metadata``,
 ``others`` (other entries of the directory), ``groups``: ``[{"prefix", "experts", "present",
 "missing", "parts", "members": [{"part", "dtype", "shape", "count"}], "shards", "split",
-"bytes"}]``, ``split_groups`` (count), ``ok`` (no problems), ``problems`` (list of str).
+"bytes"}]`` (in natural prefix order; ``experts`` is the largest index + 1, ``present`` the
+indices found, ``missing`` the absent (expert, projection) pairs), ``split_groups`` (count),
+``ok`` (no problems), ``problems`` (list of str, every problem of loading and planning).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +156,11 @@ def _problems(error: InvalidInputError) -> list[str]:
     return list(error.problems) if error.problems else [str(error)]
 
 
+def _natural(text: str) -> list[tuple[int, int | str]]:
+    """Sort key putting ``layers.2.`` before ``layers.10.``."""
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", text)]
+
+
 def find_groups(shards: list[FileHeader], rules: RuleSet) -> tuple[GroupInfo, ...]:
     """The expert groups that ``rules``' fusions find in ``shards`` (however incomplete)."""
     found: dict[tuple[int, str], list[tuple[int, str, str, tuple[int, ...], str, int]]]
@@ -176,7 +184,7 @@ def find_groups(shards: list[FileHeader], rules: RuleSet) -> tuple[GroupInfo, ..
                     )
                     break
     groups = []
-    for (number, prefix), members in sorted(found.items(), key=lambda item: item[0][1]):
+    for (number, prefix), members in sorted(found.items(), key=lambda item: _natural(item[0][1])):
         order = rules.fusions[number].parts
         experts = max(m[0] for m in members) + 1
         pairs = {(m[0], m[1]) for m in members}
@@ -353,7 +361,7 @@ def render_inspection(ins: Inspection, *, limit: int = 12) -> str:
         f"{'groups':<10} {len(ins.groups)} expert group(s) ({ins.rules} rules), "
         f"{ins.split_groups} split across shards"
     )
-    shown = sorted(ins.groups, key=lambda g: (not g.split, g.prefix))[:limit]
+    shown = sorted(ins.groups, key=lambda g: not g.split)[:limit]
     pwidth = max((len(g.prefix) for g in shown), default=0)
     for group in shown:
         members = ", ".join(f"{m.part} {m.dtype} {_shape(m.shape)}" for m in group.members)

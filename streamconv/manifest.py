@@ -29,7 +29,8 @@ import orjson
 
 from .errors import InvalidInputError, OutputError, UsageError
 from .progress import Progress
-from .verify import MANIFEST_NAME, STATE_DIR, Problem, VerifyReport
+from .state import STATE_DIR
+from .verify import MANIFEST_NAME, Problem, VerifyReport
 from .writer import temp_path
 
 log = logging.getLogger(__name__)

@@ -38,21 +38,31 @@ import orjson
 from safetensors import safe_open
 
 from .checkpoint import INDEX_NAME, load_checkpoint
+from .compare import BUFFER, SourceShort, compare_ranges, first_difference
 from .convert import plan_checkpoint
-from .errors import InterruptedRun, InvalidInputError, UsageError
+from .copyengine import Copy
+from .errors import InvalidInputError, UsageError
 from .header import FileHeader, read_header
 from .plan import Plan, PlannedFile, PlannedTensor
 from .progress import Progress, human_bytes
 from .rules import HYV3, RuleSet
-from .writer import is_temp_name
+from .state import STATE_DIR
+from .writer import file_copies, is_temp_name
 
-BUFFER = 8 * 1024 * 1024
+__all__ = [
+    "ALLOWED_EXTRA",
+    "MANIFEST_NAME",
+    "Problem",
+    "VerifyReport",
+    "render_verify",
+    "verify_conversion",
+]
+
 #: Output bytes per parallel task: files are cut at tensor ends so workers stay balanced.
 SLICE = 128 * 1024 * 1024
 #: Data mismatches reported per output file before the rest are summarised.
 MAX_PER_FILE = 50
 MANIFEST_NAME = "streamconv-manifest.json"
-STATE_DIR = ".streamconv"  # the run-state folder of streamconv.state
 ALLOWED_EXTRA = frozenset({MANIFEST_NAME, STATE_DIR})
 
 
@@ -132,128 +142,6 @@ def render_verify(report: VerifyReport, *, shown: int = 50) -> str:
     return "\n".join(lines)
 
 
-class _SourceShort(Exception):
-    def __init__(self, source: str, offset: int) -> None:
-        super().__init__(source, offset)
-        self.source = source
-        self.offset = offset
-
-
-@dataclass(frozen=True, slots=True)
-class _Seg:
-    """``length`` bytes at ``start`` of the output must equal ``src`` at ``src_offset``."""
-
-    start: int
-    src: str
-    src_offset: int
-    length: int
-
-
-def _read_into(fd: int, view: memoryview, offset: int) -> int:
-    """Fill ``view`` from ``fd`` at ``offset``; returns the bytes read (short only at EOF)."""
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            break
-        done += n
-    return done
-
-
-class _Buffers(threading.local):
-    size = BUFFER
-
-    def get(self) -> tuple[bytearray, bytearray]:
-        pair: tuple[bytearray, bytearray] | None = getattr(self, "pair", None)
-        if pair is None or len(pair[0]) != self.size:
-            pair = (bytearray(self.size), bytearray(self.size))
-            self.pair = pair
-        return pair
-
-
-_BUFFERS = _Buffers()
-
-
-def _compare_ranges(
-    out_fd: int,
-    start: int,
-    end: int,
-    segments: Sequence[_Seg],
-    *,
-    sources: Mapping[str, int],
-    on_diff: Callable[[np.ndarray], bool],
-    advance: Callable[[int], None] = lambda n: None,
-    cancel: threading.Event | None = None,
-    buffer_size: int = BUFFER,
-) -> int:
-    """Compare output bytes ``[start, end)`` with ``segments`` (which tile that range).
-
-    ``on_diff`` gets the absolute offsets of differing bytes of one window (sorted) and returns
-    False to stop. Returns the bytes compared; stops early at the output's end of file. Raises
-    :class:`_SourceShort` when a source ends before a segment does.
-    """
-    _BUFFERS.size = buffer_size
-    out_buf, src_buf = _BUFFERS.get()
-    out_view, src_view = memoryview(out_buf), memoryview(src_buf)
-    compared = 0
-    index = max(0, bisect.bisect_right(segments, start, key=lambda seg: seg.start) - 1)
-    position = start
-    while position < end:
-        if cancel is not None and cancel.is_set():
-            raise InterruptedRun("verification interrupted")
-        count = min(buffer_size, end - position)
-        got = _read_into(out_fd, out_view[:count], position)
-        stop = position + count
-        while index < len(segments) and segments[index].start < stop:
-            seg = segments[index]
-            lo, hi = max(seg.start, position), min(seg.start + seg.length, stop)
-            src_at = seg.src_offset + lo - seg.start
-            if _read_into(sources[seg.src], src_view[lo - position : hi - position], src_at) < (
-                hi - lo
-            ):
-                raise _SourceShort(seg.src, src_at)
-            if seg.start + seg.length > stop:
-                break
-            index += 1
-        if got == buffer_size:
-            same = out_buf == src_buf
-        else:
-            a = np.frombuffer(out_buf, np.uint8, got)
-            same = bool(np.array_equal(a, np.frombuffer(src_buf, np.uint8, got)))
-        if not same:
-            a = np.frombuffer(out_buf, np.uint8, got)
-            diffs = np.flatnonzero(a != np.frombuffer(src_buf, np.uint8, got)) + position
-            if not on_diff(diffs):
-                return compared + got
-        compared += got
-        advance(got)
-        if got < count:
-            break
-        position = stop
-    return compared
-
-
-def _segments(planned: PlannedFile) -> list[_Seg]:
-    out: list[_Seg] = []
-    for tensor in planned.tensors:
-        at = tensor.offset
-        for piece in tensor.pieces:
-            if piece.length:
-                last = out[-1] if out else None
-                if (
-                    last is not None
-                    and last.src == piece.source
-                    and last.start + last.length == at
-                    and last.src_offset + last.length == piece.offset
-                ):
-                    length = last.length + piece.length
-                    out[-1] = _Seg(last.start, last.src, last.src_offset, length)
-                else:
-                    out.append(_Seg(at, piece.source, piece.offset, piece.length))
-            at += piece.length
-    return out
-
-
 def _slices(planned: PlannedFile, size: int) -> list[tuple[int, int]]:
     """The data region of ``planned`` in ranges of about ``size`` bytes, cut at tensor ends."""
     out: list[tuple[int, int]] = []
@@ -266,14 +154,6 @@ def _slices(planned: PlannedFile, size: int) -> list[tuple[int, int]]:
     if lo < planned.size or not out:
         out.append((lo, planned.size))
     return out
-
-
-def first_difference(a: bytes, b: bytes) -> int:
-    """Index of the first byte where ``a`` and ``b`` differ (``min(len)`` if one is a prefix)."""
-    n = min(len(a), len(b))
-    x = np.frombuffer(a, np.uint8, n)
-    diffs = np.flatnonzero(x != np.frombuffer(b, np.uint8, n))
-    return int(diffs[0]) if len(diffs) else n
 
 
 @dataclass
@@ -303,7 +183,7 @@ class _Verifier:
         self.buffer_size = buffer_size
         self.headers: dict[str, FileHeader] = {}  # output headers that parsed
         self._reported: dict[str, set[str]] = {}  # per file: tensors with a data problem
-        self._segment_cache: dict[str, list[_Seg]] = {}
+        self._segment_cache: dict[str, list[Copy]] = {}
         self._lock = threading.Lock()
 
     def shard(self, planned: PlannedFile) -> _Result:
@@ -381,7 +261,7 @@ class _Verifier:
 
         try:
             with open(self.out_dir / planned.name, "rb", buffering=0) as handle:
-                result.compared += _compare_ranges(
+                result.compared += compare_ranges(
                     handle.fileno(),
                     lo,
                     hi,
@@ -394,7 +274,7 @@ class _Verifier:
                 )
         except OSError as error:
             add(f"cannot read: {error.strerror}")
-        except _SourceShort as short:
+        except SourceShort as short:
             result.problems.append(
                 Problem(
                     "input",
@@ -405,15 +285,23 @@ class _Verifier:
             )
         return result
 
-    def _segments(self, planned: PlannedFile) -> list[_Seg]:
+    def _segments(self, planned: PlannedFile) -> list[Copy]:
         with self._lock:
             found = self._segment_cache.get(planned.name)
             if found is None:
-                found = self._segment_cache[planned.name] = _segments(planned)
+                found = self._segment_cache[planned.name] = file_copies(planned)
             return found
 
     def copied(self, name: str) -> _Result:
+        """Every file and folder below input entry ``name`` against its copy."""
         result = _Result()
+        try:
+            self._copied(name, result)
+        except OSError as error:
+            result.problems.append(Problem("io", name, f"cannot compare: {error}"))
+        return result
+
+    def _copied(self, name: str, result: _Result) -> None:
         for rel, src, kind in _walk(self.in_dir / name, name):
             dst = self.out_dir / rel
             if kind == "dir":
@@ -427,7 +315,6 @@ class _Verifier:
                 continue
             result.files += 1
             self._copied_file(src, dst, rel, result)
-        return result
 
     def _copied_file(self, src: Path, dst: Path, rel: str, result: _Result) -> None:
         if not dst.is_file():
@@ -443,8 +330,8 @@ class _Verifier:
                     found.append(int(diffs[0]))
                     return False
 
-                seg = [_Seg(0, "src", 0, min(sizes))]
-                result.compared += _compare_ranges(
+                seg = [Copy("src", 0, 0, min(sizes))]
+                result.compared += compare_ranges(
                     b.fileno(),
                     0,
                     min(sizes),
@@ -455,7 +342,7 @@ class _Verifier:
                     cancel=self.cancel,
                     buffer_size=self.buffer_size,
                 )
-        except (OSError, _SourceShort) as error:
+        except (OSError, SourceShort) as error:
             result.problems.append(Problem("io", rel, f"cannot compare: {error}"))
             return
         if found:
@@ -490,7 +377,7 @@ def _walk(path: Path, rel: str, depth: int = 0) -> Iterator[tuple[str, Path, str
         yield rel, path, "file"
 
 
-def check_index(plan: Plan, out_dir: Path, headers: Mapping[str, FileHeader]) -> list[Problem]:
+def _check_index(plan: Plan, out_dir: Path, headers: Mapping[str, FileHeader]) -> list[Problem]:
     """The output index against the planned one and against the output headers that parsed."""
     assert plan.index is not None
     problems: list[Problem] = []
@@ -592,10 +479,13 @@ def verify_conversion(
     others = [n for n in checkpoint.others if n in present]
     progress.start(sum(f.size for f in shards) + sum(_total(in_dir / n) for n in others))
     fds: dict[str, int] = {}
-    results: list[_Result] = []
     try:
         for source in checkpoint.sources:
-            fds[source.name] = os.open(in_dir / source.name, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fds[source.name] = os.open(in_dir / source.name, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as error:
+                path = in_dir / source.name
+                raise InvalidInputError(f"cannot open: {error.strerror}", path=path) from error
         verifier = _Verifier(
             out_dir,
             in_dir,
@@ -617,9 +507,7 @@ def verify_conversion(
                 cancel.set()
                 raise
         if plan.index is not None and INDEX_NAME in present:
-            results.append(_Result(check_index(plan, out_dir, verifier.headers), files=1))
-    except OSError as error:
-        raise InvalidInputError(f"cannot open input: {error.strerror}", path=in_dir) from error
+            results.append(_Result(_check_index(plan, out_dir, verifier.headers), files=1))
     finally:
         for fd in fds.values():
             os.close(fd)

@@ -147,7 +147,8 @@ def _fsync_tree(path: Path) -> None:
             os.close(fd)
 
 
-def _copies(planned: PlannedFile) -> list[Copy]:
+def file_copies(planned: PlannedFile) -> list[Copy]:
+    """The byte ranges that make up ``planned``'s data, in output order, coalesced."""
     copies = []
     for tensor in planned.tensors:
         position = tensor.offset
@@ -198,7 +199,7 @@ class FileWriter:
             self._preallocate(fd, planned.size, copier)
             _pwrite_all(fd, planned.header, 0)
             self.progress(len(planned.header))
-            copier.run(fd, planned.size, _copies(planned))
+            copier.run(fd, planned.size, file_copies(planned))
             if os.fstat(fd).st_size != planned.size:
                 raise OutputError(
                     f"output is {os.fstat(fd).st_size} bytes, planned {planned.size}", path=final
