@@ -1,6 +1,8 @@
 """The command line: parse arguments, configure logging, run, map errors to exit codes.
 
-This is the only module that prints, configures logging or decides exit codes.
+With :mod:`streamconv.commands`, the only code that prints, configures logging or decides exit
+codes. Exit codes: 0 success, 1 verification found mismatches, 2 usage, 3 invalid input,
+4 I/O or environment, 130 interrupted (SIGINT), 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -9,23 +11,19 @@ import argparse
 import logging
 import signal
 import sys
-import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
-from . import __version__
-from .convert import ConvertOptions, convert, default_workers
+from . import __version__, commands
+from .convert import default_workers
 from .copyengine import BACKENDS
-from .errors import EXIT_INTERRUPTED, EXIT_IO, EXIT_USAGE, StreamconvError, UsageError
-from .progress import BarProgress, LineProgress, Progress, human_bytes
+from .errors import EXIT_INTERRUPTED, EXIT_IO, EXIT_USAGE, StreamconvError
 from .rules import PRESETS
-from .synth import SynthSpec, checkpoint_bytes, parse_size, synthesize
-from .writer import WriteOptions
+from .synth import SynthSpec, parse_size
 
 EXIT_TERMINATED = 143
-log = logging.getLogger("streamconv")
 
 
 class _Terminated(KeyboardInterrupt):
@@ -50,23 +48,37 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r}") from error
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="streamconv",
-        description="Convert sharded safetensors checkpoints without loading them.",
-    )
-    parser.add_argument("--version", action="version", version=f"streamconv {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors")
-    common.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _add_common(sub: argparse.ArgumentParser, *, preset: bool = True) -> None:
+    sub.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors")
+    sub.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
+    if preset:
+        sub.add_argument(
+            "--preset", choices=sorted(PRESETS), default="hyv3", help="rule set (default: hyv3)"
+        )
+        sub.add_argument(
+            "--allow-external-links",
+            action="store_true",
+            help="follow shard symlinks that point outside the input directory",
+        )
 
-    conv = commands.add_parser(
-        "convert",
-        parents=[common],
-        help="convert a checkpoint (inner -> outer layout)",
-        description="Convert the checkpoint in INPUT_DIR into OUTPUT_DIR.",
+
+def _workers(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--workers",
+        type=_positive,
+        default=None,
+        help=f"parallel workers (default: {default_workers()})",
     )
+
+
+def _add_convert(commands_: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    conv = commands_.add_parser(
+        "convert",
+        help="convert a checkpoint (inner -> outer layout)",
+        description="Convert the checkpoint in INPUT_DIR into OUTPUT_DIR. Run the same "
+        "command again after an interruption to resume.",
+    )
+    _add_common(conv)
     conv.add_argument("input", nargs="?", metavar="INPUT_DIR")
     conv.add_argument("output", nargs="?", metavar="OUTPUT_DIR")
     conv.add_argument(
@@ -79,15 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument(
         "--output_dir", "--output-dir", dest="output_opt", metavar="DIR", help="same as OUTPUT_DIR"
     )
-    conv.add_argument(
-        "--preset", choices=sorted(PRESETS), default="hyv3", help="rule set (default: hyv3)"
-    )
-    conv.add_argument(
-        "--workers",
-        type=_positive,
-        default=None,
-        help=f"parallel output shards (default: {default_workers()})",
-    )
+    _workers(conv)
     conv.add_argument(
         "--backend",
         choices=BACKENDS,
@@ -102,20 +106,84 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument(
         "--restart",
         action="store_true",
-        help="discard the output of a previous, different run in OUTPUT_DIR and start over",
+        help="discard the output of a previous run in OUTPUT_DIR and start over",
     )
     conv.add_argument(
-        "--allow-external-links",
+        "--verify",
         action="store_true",
-        help="follow shard symlinks that point outside the input directory",
+        help="verify the output byte for byte against the input afterwards",
     )
+    conv.add_argument(
+        "--manifest",
+        action="store_true",
+        help="write streamconv-manifest.json (sha256 of every output file)",
+    )
+    conv.add_argument(
+        "--report",
+        type=Path,
+        metavar="FILE.json",
+        help="write a machine-readable summary of the run",
+    )
+    conv.set_defaults(run=commands.run_convert, json=False)
 
-    syn = commands.add_parser(
+
+def _add_tools(commands_: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ins = commands_.add_parser(
+        "inspect",
+        help="show a checkpoint: shards, dtypes, expert groups, problems",
+        description="Inspect a checkpoint directory or one .safetensors file (headers only).",
+    )
+    _add_common(ins)
+    ins.add_argument("path", metavar="PATH")
+    ins.add_argument("--json", action="store_true", help="machine-readable output")
+    ins.set_defaults(run=commands.run_inspect)
+
+    pln = commands_.add_parser(
+        "plan",
+        help="dry run: what a conversion would write",
+        description="Plan the conversion of INPUT_DIR without writing anything.",
+    )
+    _add_common(pln)
+    pln.add_argument("input", metavar="INPUT_DIR")
+    pln.add_argument(
+        "--output",
+        metavar="OUTPUT_DIR",
+        help="where the output would go (for the free-space check)",
+    )
+    pln.add_argument("--json", action="store_true", help="the serialised plan, as JSON")
+    pln.set_defaults(run=commands.run_plan)
+
+    ver = commands_.add_parser(
+        "verify",
+        help="check a converted output byte for byte",
+        description="Verify OUTPUT_DIR against the conversion of INPUT_DIR (or, with "
+        "--manifest, against the manifest in OUTPUT_DIR alone). Exit 1 on any mismatch.",
+    )
+    _add_common(ver)
+    ver.add_argument("input", metavar="INPUT_DIR")
+    ver.add_argument("output", nargs="?", metavar="OUTPUT_DIR")
+    _workers(ver)
+    ver.add_argument("--json", action="store_true", help="machine-readable report")
+    ver.add_argument(
+        "--manifest",
+        action="store_true",
+        help="check OUTPUT_DIR (the only argument) against its manifest",
+    )
+    ver.add_argument(
+        "--write-manifest",
+        action="store_true",
+        help="after a successful verification, write the manifest",
+    )
+    ver.set_defaults(run=commands.run_verify)
+
+
+def _add_synth(commands_: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    syn = commands_.add_parser(
         "synth",
-        parents=[common],
         help="write a synthetic HYV3 inner-layout checkpoint",
         description="Write a deterministic synthetic checkpoint (for demos, tests, benchmarks).",
     )
+    _add_common(syn, preset=False)
     defaults = SynthSpec()
     syn.add_argument("output", metavar="OUTPUT_DIR")
     syn.add_argument("--layers", type=_positive, default=defaults.layers)
@@ -139,6 +207,19 @@ def _parser() -> argparse.ArgumentParser:
     syn.add_argument("--single-file", action="store_true", help="one model.safetensors")
     syn.add_argument("--no-index", action="store_true", help="shards without an index file")
     syn.add_argument("--seed", type=int, default=defaults.seed)
+    syn.set_defaults(run=commands.run_synth)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamconv",
+        description="Convert sharded safetensors checkpoints without loading them.",
+    )
+    parser.add_argument("--version", action="version", version=f"streamconv {__version__}")
+    subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_convert(subcommands)
+    _add_tools(subcommands)
+    _add_synth(subcommands)
     return parser
 
 
@@ -152,83 +233,6 @@ def _configure_logging(args: argparse.Namespace) -> None:
     root.propagate = False
 
 
-def _progress(args: argparse.Namespace) -> Progress:
-    if args.quiet:
-        return Progress()
-    if sys.stderr.isatty():
-        return BarProgress(sys.stderr)
-    return LineProgress(sys.stderr)
-
-
-def _one(positional: str | None, option: str | None, what: str) -> Path:
-    if positional and option and positional != option:
-        raise UsageError(f"{what} given twice ({positional!r} and {option!r})")
-    value = positional or option
-    if not value:
-        raise UsageError(f"{what} is required")
-    return Path(value)
-
-
-def _run_convert(args: argparse.Namespace) -> int:
-    source = _one(args.input, args.input_opt, "INPUT_DIR")
-    target = _one(args.output, args.output_opt, "OUTPUT_DIR")
-    workers = args.workers or default_workers()
-    options = ConvertOptions(
-        rules=PRESETS[args.preset],
-        write=WriteOptions(backend=args.backend, workers=workers, sync=not args.no_sync),
-        allow_external_links=args.allow_external_links,
-    )
-    result = convert(
-        source,
-        target,
-        options,
-        progress=_progress(args),
-        cancel=threading.Event(),
-        restart=args.restart,
-    )
-    plan = result.plan
-    if result.already_complete:
-        print(f"{result.output} already holds this conversion, complete: nothing to do")
-        return 0
-    kept = f", {result.kept} shards kept from the previous run" if result.kept else ""
-    split = sum(g.split for g in plan.groups)
-    print(
-        f"converted {plan.tensor_count} tensors into {len(plan.files)} shards "
-        f"({len(plan.groups)} expert groups fused, {split} split across shards): "
-        f"{human_bytes(result.bytes_written)} in {result.seconds:.2f} s "
-        f"({human_bytes(result.throughput)}/s), backend {'+'.join(result.backends) or 'none'}, "
-        f"{workers} worker{'s' if workers > 1 else ''}"
-        f"{', no fsync' if args.no_sync else ''}{kept} -> {result.output}"
-    )
-    return 0
-
-
-def _run_synth(args: argparse.Namespace) -> int:
-    try:
-        spec = SynthSpec(
-            layers=args.layers,
-            experts=args.experts,
-            hidden=args.hidden,
-            inter=args.inter,
-            vocab=args.vocab,
-            dense_layers=args.dense_layers,
-            dtype=args.dtype,
-            shard_size=args.shard_size,
-            scatter=args.scatter,
-            single_file=args.single_file,
-            index=not args.no_index,
-            seed=args.seed,
-        )
-    except ValueError as error:
-        raise UsageError(str(error)) from error
-    out = Path(args.output)
-    if out.exists() and any(out.iterdir()):
-        raise UsageError("output directory is not empty", path=out)
-    paths = synthesize(out, spec)
-    print(f"wrote {human_bytes(checkpoint_bytes(spec))} of tensors in {len(paths)} files -> {out}")
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     try:
@@ -236,11 +240,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else EXIT_USAGE
     _configure_logging(args)
+    run: Callable[[argparse.Namespace], int] = args.run
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        if args.command == "convert":
-            return _run_convert(args)
-        return _run_synth(args)
+        return run(args)
     except StreamconvError as error:
         if args.debug:
             traceback.print_exc()

@@ -48,6 +48,7 @@ class ConvertResult:
     backends: tuple[str, ...]
     kept: int = 0  # shards kept from a previous run
     already_complete: bool = False
+    fingerprint: str = ""  # of the plan and its inputs (see streamconv.state)
 
     @property
     def throughput(self) -> float:
@@ -83,7 +84,8 @@ def _check_space(output_dir: Path, needed: int) -> None:
         )
 
 
-def _entry_size(path: Path) -> int:
+def entry_size(path: Path) -> int:
+    """Bytes of a file, or of every file below a folder."""
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return path.stat().st_size
@@ -185,6 +187,7 @@ def _run(
             (),
             kept=len(decision.keep),
             already_complete=True,
+            fingerprint=fp,
         )
     todo = [f for f in plan.files if f.name not in decision.keep]
     if decision.keep:
@@ -192,9 +195,7 @@ def _run(
     if sync:
         _make_durable(output_dir, decision.state)
     others = [checkpoint.root / name for name in checkpoint.others]
-    needed = (
-        sum(f.size for f in todo) + sum(_entry_size(p) for p in others) + len(plan.index or b"")
-    )
+    needed = sum(f.size for f in todo) + sum(entry_size(p) for p in others) + len(plan.index or b"")
     _check_space(output_dir, needed)
     log.info(
         "plan: %d tensors in %d files, %d bytes; %d expert groups (%d split across shards)",
@@ -243,4 +244,5 @@ def _run(
         backends=tuple(sorted(writer.backends_used)),
         kept=len(decision.keep),
         already_complete=False,
+        fingerprint=fp,
     )
