@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, raise_problems
+from .errors import CheckpointError, HeaderError, raise_problems
 from .header import FileHeader, TensorRecord, read_header
 from .strictjson import load_object
 
@@ -211,7 +211,17 @@ def load_checkpoint(root: str | Path, *, allow_external_links: bool = False) -> 
     stats = [_stat_source(root, name) for name in names]
     raise_problems(CheckpointError, [s for s in stats if isinstance(s, str)], path=root)
     sources = tuple(s for s in stats if isinstance(s, SourceFile))
-    shards = tuple(read_header(root / name, name) for name in names)
+    headers: list[FileHeader] = []
+    bad: list[HeaderError] = []
+    for name in names:
+        try:
+            headers.append(read_header(root / name, name))
+        except HeaderError as error:
+            bad.append(error)
+    if len(bad) == 1:
+        raise bad[0]
+    raise_problems(CheckpointError, [str(error) for error in bad], path=root)
+    shards = tuple(headers)
     for source, shard in zip(sources, shards, strict=True):
         if source.size != shard.file_size:
             raise CheckpointError("file changed while its header was read", path=root / source.name)

@@ -86,9 +86,16 @@ def _report(
     result: ConvertResult | None,
     error: StreamconvError | None,
     warnings: list[str],
+    verified: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The --report document; ``ok`` is false when the run failed or verification did."""
+    verify = None
+    if verified is not None:
+        verify = {k: verified[k] for k in ("ok", "bytes_compared", "seconds", "throughput")}
+        verify["problems"] = len(verified["problems"])
     report: dict[str, Any] = {
-        "ok": error is None,
+        "ok": error is None and (verify is None or bool(verify["ok"])),
+        "verify": verify,
         "input": str(source),
         "output": str(target),
         "preset": args.preset,
@@ -159,14 +166,14 @@ def run_convert(args: argparse.Namespace) -> int:
     finally:
         logging.getLogger("streamconv").removeHandler(collected)
     _print_summary(result, workers, args.no_sync)
-    code = EXIT_OK
+    code, verified = EXIT_OK, None
     if args.manifest:
         from .manifest import write_manifest  # noqa: PLC0415  (only when asked for)
 
         path = write_manifest(target, result.fingerprint, workers=workers, sync=not args.no_sync)
         print(f"wrote {path}")
     if args.verify:
-        code = _verify(args, source, target, workers)
+        code, verified = _verify(args, source, target, workers)
     if args.report:
         _write_report(
             args.report,
@@ -178,6 +185,7 @@ def run_convert(args: argparse.Namespace) -> int:
                 result=result,
                 error=None,
                 warnings=collected.lines,
+                verified=verified,
             ),
         )
     return code
@@ -200,7 +208,10 @@ def _print_summary(result: ConvertResult, workers: int, no_sync: bool) -> None:
     )
 
 
-def _verify(args: argparse.Namespace, source: Path, target: Path, workers: int) -> int:
+def _verify(
+    args: argparse.Namespace, source: Path, target: Path, workers: int
+) -> tuple[int, dict[str, Any]]:
+    """Verify, print the report, and return the exit code and the report's data."""
     from .verify import render_verify, verify_conversion  # noqa: PLC0415
 
     report = verify_conversion(
@@ -211,11 +222,12 @@ def _verify(args: argparse.Namespace, source: Path, target: Path, workers: int) 
         allow_external_links=args.allow_external_links,
         progress=progress_for(args),
     )
+    data = report.to_dict()
     if getattr(args, "json", False):
-        _dump(report.to_dict())
+        _dump(data)
     else:
         print(render_verify(report))
-    return EXIT_OK if report.ok else EXIT_MISMATCH
+    return (EXIT_OK if report.ok else EXIT_MISMATCH), data
 
 
 def run_verify(args: argparse.Namespace) -> int:
@@ -232,7 +244,7 @@ def run_verify(args: argparse.Namespace) -> int:
     if args.output is None:
         raise UsageError("verify needs INPUT_DIR and OUTPUT_DIR (or --manifest OUTPUT_DIR)")
     source, target = Path(args.input), Path(args.output)
-    code = _verify(args, source, target, workers)
+    code, _ = _verify(args, source, target, workers)
     if args.write_manifest and code == EXIT_OK:
         from .checkpoint import load_checkpoint  # noqa: PLC0415
         from .manifest import write_manifest  # noqa: PLC0415

@@ -265,7 +265,7 @@ def inspect_path(
             layout = (
                 "index" if INDEX_NAME in entries else "single" if SINGLE_NAME in entries else None
             )
-            others = tuple(sorted(e for e in entries if not e.endswith(SUFFIX)))
+            others = tuple(sorted(e for e in entries if not e.endswith(SUFFIX) and e != INDEX_NAME))
     elif path.is_file():
         kind = "file"
         layout = "file"
