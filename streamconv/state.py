@@ -31,7 +31,7 @@ STATE_DIR = ".streamconv"
 STATE_FILE = "state.json"
 LOCK_FILE = "lock"
 STATE_FORMAT = 2
-_HASH_CHUNK = 8 * 1024 * 1024
+_HASH_CHUNK = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
