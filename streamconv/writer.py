@@ -199,6 +199,7 @@ class FileWriter:
             self._preallocate(fd, planned.size, copier)
             _pwrite_all(fd, planned.header, 0)
             self.progress(len(planned.header))
+            copier.start(fd, planned.header, durable=self.options.sync)
             copier.run(fd, planned.size, file_copies(planned))
             if os.fstat(fd).st_size != planned.size:
                 raise OutputError(
@@ -206,7 +207,9 @@ class FileWriter:
                 )
             # Durable runs record a checksum (hashed from the page cache, before the fsync) so
             # that a resumed run can trust this file; --no-sync runs record none.
-            checksum = file_checksum(fd, planned.size) if self.options.sync else None
+            checksum = None
+            if self.options.sync:
+                checksum = copier.checksum() or file_checksum(fd, planned.size)
             if self.options.sync:
                 os.fsync(fd)
             os.close(fd)

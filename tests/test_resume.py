@@ -362,7 +362,7 @@ def count_calls(strace: str, syscall: str, argv: list[str], out: Path) -> int:
 STRACE_POINTS = {
     "rename": ((), 10),  # each publishes a shard, a copied entry, the index or the run state
     "fsync": ((), 6),
-    "copy_file_range": ((), 5),
+    "copy_file_range": (("--backend", "copy_file_range"), 5),
     "pwrite64": (("--backend", "pread"), 5),
     "posix_fallocate": ((), 4),
 }
