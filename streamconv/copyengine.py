@@ -38,6 +38,8 @@ BUFFER = 1024 * 1024
 #: Durable runs start write-back every WINDOW bytes and wait for the window before, so dirty
 #: pages never pile up (a low-RAM node) and the final fsync has little left to do.
 WINDOW = 64 * 1024 * 1024
+#: The mmap backend maps this much of the output at a time (a multiple of the page size).
+MMAP_WINDOW = 32 * 1024 * 1024
 #: copy_file_range errors meaning "not here", after which the pread backend is used.
 REFUSED = frozenset(
     {errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF, errno.ETXTBSY}
@@ -210,36 +212,48 @@ class Copier:
         self.used.add("pread")
 
     def _run_mmap(self, out_fd: int, out_size: int, copies: Sequence[Copy]) -> None:
-        """Map the output one window at a time (so resident memory stays bounded) and read
-        each source range straight into the mapping. Pages dirtied through the mapping are
-        ordinary page-cache pages of the file: the writer's fsync makes them durable."""
-        granularity = mmap.ALLOCATIONGRANULARITY
-        for copy in copies:
-            src_fd = self.sources[copy.source]
-            done = 0
-            while done < copy.length:
-                self._check_cancel()
-                want = min(CHUNK, copy.length - done)
-                start = copy.dst_offset + done
-                base = start - start % granularity
-                with mmap.mmap(
-                    out_fd,
-                    start + want - base,
-                    flags=mmap.MAP_SHARED,
-                    prot=mmap.PROT_READ | mmap.PROT_WRITE,
-                    offset=base,
-                ) as window:
-                    view = memoryview(window)
+        """Map the output one aligned window of MMAP_WINDOW bytes at a time (resident memory
+        stays bounded; consecutive small ranges share a mapping) and read each source range
+        straight into it. Pages dirtied through the mapping are ordinary page-cache pages of
+        the file: the writer's fsync makes them durable."""
+        mapped: mmap.mmap | None = None
+        view: memoryview | None = None
+        base = -1
+        try:
+            for copy in copies:
+                src_fd = self.sources[copy.source]
+                done = 0
+                while done < copy.length:
+                    self._check_cancel()
+                    start = copy.dst_offset + done
+                    if view is None or mapped is None or not base <= start < base + len(view):
+                        if view is not None and mapped is not None:
+                            view.release()
+                            mapped.close()
+                        base = start - start % MMAP_WINDOW
+                        mapped = mmap.mmap(
+                            out_fd,
+                            min(MMAP_WINDOW, out_size - base),
+                            flags=mmap.MAP_SHARED,
+                            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                            offset=base,
+                        )
+                        view = memoryview(mapped)
+                    want = min(copy.length - done, base + len(view) - start)
+                    target = view[start - base : start - base + want]
                     try:
-                        n = os.preadv(src_fd, [view[start - base :]], copy.src_offset + done)
+                        n = os.preadv(src_fd, [target], copy.src_offset + done)
                         if n == 0:
                             raise _short(copy.source, copy.src_offset + done)
-                        done += n
-                        landed = view[start - base : start - base + n]
-                        self._landed(landed, start + n, n)
-                        landed.release()
+                        self._landed(target[:n], start + n, n)
                     finally:
-                        view.release()
+                        target.release()
+                    done += n
+        finally:
+            if view is not None:
+                view.release()
+            if mapped is not None:
+                mapped.close()
         self.used.add("mmap")
 
 
