@@ -12,6 +12,7 @@ import os
 import resource
 import sys
 import threading
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,9 @@ def run_convert(args: argparse.Namespace) -> int:
         allow_external_links=args.allow_external_links,
     )
     collected = _Warnings()
+    describe = partial(
+        _report, args, source=source, target=target, workers=workers, warnings=collected.lines
+    )
     logging.getLogger("streamconv").addHandler(collected)
     result = None
     try:
@@ -150,18 +154,7 @@ def run_convert(args: argparse.Namespace) -> int:
         )
     except StreamconvError as error:
         if args.report:
-            _write_report(
-                args.report,
-                _report(
-                    args,
-                    source=source,
-                    target=target,
-                    workers=workers,
-                    result=None,
-                    error=error,
-                    warnings=collected.lines,
-                ),
-            )
+            _write_report(args.report, describe(result=None, error=error))
         raise
     finally:
         logging.getLogger("streamconv").removeHandler(collected)
@@ -175,19 +168,7 @@ def run_convert(args: argparse.Namespace) -> int:
     if args.verify:
         code, verified = _verify(args, source, target, workers)
     if args.report:
-        _write_report(
-            args.report,
-            _report(
-                args,
-                source=source,
-                target=target,
-                workers=workers,
-                result=result,
-                error=None,
-                warnings=collected.lines,
-                verified=verified,
-            ),
-        )
+        _write_report(args.report, describe(result=result, error=None, verified=verified))
     return code
 
 

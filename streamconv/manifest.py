@@ -14,7 +14,6 @@ with problems of kinds ``missing``, ``extra``, ``size``, ``hash``, ``io``.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -31,7 +30,7 @@ from .errors import InvalidInputError, OutputError, UsageError
 from .progress import Progress
 from .state import STATE_DIR
 from .verify import MANIFEST_NAME, Problem, VerifyReport
-from .writer import temp_path
+from .writer import publish_bytes
 
 log = logging.getLogger(__name__)
 
@@ -159,18 +158,7 @@ def write_manifest(
     manifest = Manifest(plan_fingerprint, tuple(entries))
     data = orjson.dumps(manifest.to_dict(), option=orjson.OPT_INDENT_2) + b"\n"
     final = root / MANIFEST_NAME
-    temp = temp_path(root, MANIFEST_NAME)
-    try:
-        with open(temp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            if sync:
-                os.fsync(handle.fileno())
-        os.replace(temp, final)
-    except OSError as error:
-        with contextlib.suppress(OSError):
-            temp.unlink()
-        raise OutputError(f"writing the manifest failed: {error.strerror}", path=final) from error
+    publish_bytes(root, MANIFEST_NAME, data, sync=sync)
     log.info(
         "manifest: %d files, %d bytes, written to %s", len(entries), manifest.total_size, final
     )
