@@ -19,6 +19,7 @@ demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
 	$(BIN)/streamconv synth $(DEMO_DIR)/inner
 	$(BIN)/streamconv convert $(DEMO_DIR)/inner $(DEMO_DIR)/outer
+	$(BIN)/streamconv verify $(DEMO_DIR)/inner $(DEMO_DIR)/outer
 	@echo "demo: inner checkpoint in $(DEMO_DIR)/inner, converted outer checkpoint in $(DEMO_DIR)/outer"
 
 test: $(STAMP)
