@@ -47,6 +47,11 @@ from streamconv.rules import HYV3
 from streamconv.synth import SynthSpec, assign_shards, checkpoint_bytes, synthesize, tensor_specs
 
 HERE = Path(__file__).resolve().parent
+
+
+def _relative(command: str) -> str:
+    """A command line as published: paths inside the repository relative to it."""
+    return command.replace(f"{HERE.parent}/", "")
 GB = 1e9
 MB = 1e6
 MiB = 1 << 20
@@ -507,7 +512,7 @@ def section_lowmem(bench: Bench, src: Path, reference: Path | None, spec: SynthS
             "streamconv": result.to_json(),
             "streamconv_output_identical_to_baseline": identical,
             "baseline_runs": failures,
-            "command": " ".join(contender.argv(Path("INPUT"), Path("OUTPUT"))),
+            "command": _relative(" ".join(contender.argv(Path("INPUT"), Path("OUTPUT")))),
         }
     )
     bench.results["lowmem"] = demo
