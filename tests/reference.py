@@ -24,27 +24,33 @@ RENAMES = [
     ("mlp.shared_mlp.", "mlp.shared_experts."),
 ]
 _RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-_WIDTH = {
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F8_E5M2": 1,
-    "F8_E4M3": 1,
-    "F8_E8M0": 1,
-    "F8_E4M3FNUZ": 1,
-    "F8_E5M2FNUZ": 1,
-    "I16": 2,
-    "U16": 2,
-    "F16": 2,
-    "BF16": 2,
-    "I32": 4,
-    "U32": 4,
-    "F32": 4,
-    "F64": 8,
-    "I64": 8,
-    "U64": 8,
-    "C64": 8,
+#: Bits per element of every dtype of the format (safetensors' Dtype enum), from its spec.
+FORMAT_BITS: dict[str, int] = {
+    "BOOL": 8,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "C64": 64,
+    "F64": 64,
+    "I64": 64,
+    "U64": 64,
 }
+#: Bytes per element of the whole-byte dtypes.
+_WIDTH = {name: bits // 8 for name, bits in FORMAT_BITS.items() if bits % 8 == 0}
 
 
 def rename(key: str) -> str:

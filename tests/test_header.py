@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import safetensors
 import safetensors.numpy
+from reference import FORMAT_BITS
 
 from streamconv.errors import EXIT_INVALID_INPUT, HeaderError, InvalidInputError
 from streamconv.header import FileHeader, TensorSpec, encode_header, parse_file_bytes, read_header
@@ -25,31 +26,6 @@ from streamconv.header import FileHeader, TensorSpec, encode_header, parse_file_
 # --------------------------------------------------------------------------------------------
 # The format, from first principles (safetensors' Dtype enum and its bit sizes).
 
-#: Bits per element of every dtype of the format.
-FORMAT_BITS: dict[str, int] = {
-    "BOOL": 8,
-    "F4": 4,
-    "F6_E2M3": 6,
-    "F6_E3M2": 6,
-    "U8": 8,
-    "I8": 8,
-    "F8_E5M2": 8,
-    "F8_E4M3": 8,
-    "F8_E8M0": 8,
-    "F8_E4M3FNUZ": 8,
-    "F8_E5M2FNUZ": 8,
-    "I16": 16,
-    "U16": 16,
-    "F16": 16,
-    "BF16": 16,
-    "I32": 32,
-    "U32": 32,
-    "F32": 32,
-    "C64": 64,
-    "F64": 64,
-    "I64": 64,
-    "U64": 64,
-}
 
 #: The dtype names safetensors.TensorSpec accepts (torch spelling) and their format names.
 TORCH_TO_FORMAT: dict[str, str] = {

@@ -51,6 +51,7 @@ import pytest
 import safetensors
 from hypothesis import HealthCheck, assume, event, given, note, settings
 from hypothesis import strategies as st
+from reference import FORMAT_BITS
 
 from streamconv.errors import HeaderError
 from streamconv.header import FileHeader, TensorSpec, encode_header, parse_file_bytes
@@ -75,31 +76,6 @@ FUZZ = settings(
 
 library_deserialize: Callable[[bytes], list[tuple[str, dict[str, Any]]]] = safetensors.deserialize
 
-#: Bits per element of every dtype of the format (safetensors' Dtype enum).
-FORMAT_BITS: dict[str, int] = {
-    "BOOL": 8,
-    "F4": 4,
-    "F6_E2M3": 6,
-    "F6_E3M2": 6,
-    "U8": 8,
-    "I8": 8,
-    "F8_E5M2": 8,
-    "F8_E4M3": 8,
-    "F8_E8M0": 8,
-    "F8_E4M3FNUZ": 8,
-    "F8_E5M2FNUZ": 8,
-    "I16": 16,
-    "U16": 16,
-    "F16": 16,
-    "BF16": 16,
-    "I32": 32,
-    "U32": 32,
-    "F32": 32,
-    "C64": 64,
-    "F64": 64,
-    "I64": 64,
-    "U64": 64,
-}
 FIELDS = ("dtype", "shape", "data_offsets")
 
 #: torch spellings accepted by safetensors.TensorSpec, and their format names.
