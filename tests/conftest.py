@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import safetensors
-from reference import load_raw, reference_convert, shard_files
+from reference import load_raw, reference_convert, serialize_raw, shard_files
 
 from streamconv.synth import SynthSpec, synthesize
 
@@ -36,24 +36,6 @@ SMALL: dict[str, Any] = {
     "dense_layers": 1,
     "shard_size": 48 * 1024,
 }
-#: safetensors header dtype -> the name ``safetensors.TensorSpec`` takes (torch's spelling).
-TORCH_NAMES = {
-    "BOOL": "bool",
-    "U8": "uint8",
-    "I8": "int8",
-    "I16": "int16",
-    "U16": "uint16",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I32": "int32",
-    "U32": "uint32",
-    "F32": "float32",
-    "F64": "float64",
-    "I64": "int64",
-    "U64": "uint64",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-}
 #: dtypes numpy can load through ``safe_open(framework="numpy")``.
 NUMPY_DTYPES = {"BOOL", "U8", "I8", "I16", "U16", "F16", "I32", "U32", "F32", "F64", "I64", "U64"}
 
@@ -67,23 +49,6 @@ def tree(root: Path) -> dict[str, bytes]:
         if path.is_file() and path.relative_to(root).parts[0] != RUN_STATE:
             out[path.relative_to(root).as_posix()] = hashlib.sha256(path.read_bytes()).digest()
     return out
-
-
-def serialized(
-    tensors: dict[str, tuple[str, np.ndarray]], metadata: dict[str, str] | None
-) -> bytes:
-    """What ``safetensors.serialize`` writes for these tensors (any dtype, via raw pointers)."""
-    arrays = {name: np.ascontiguousarray(array) for name, (_, array) in tensors.items()}
-    specs = {
-        name: safetensors.TensorSpec(
-            dtype=TORCH_NAMES[dtype],
-            shape=list(arrays[name].shape),
-            data_ptr=arrays[name].ctypes.data,
-            data_len=arrays[name].nbytes,
-        )
-        for name, (dtype, _) in tensors.items()
-    }
-    return safetensors.serialize(specs, metadata=metadata)
 
 
 def check_conversion(input_dir: Path, output_dir: Path) -> Expected:
@@ -101,7 +66,7 @@ def check_conversion(input_dir: Path, output_dir: Path) -> Expected:
             assert got[name][1].tobytes() == array.tobytes(), name
         assert metadata == load_raw(input_dir / shard)[1], f"{shard}: __metadata__ not kept"
         # Header, tensor order, padding and data exactly as safetensors' own writer does them.
-        assert path.read_bytes() == serialized(got, metadata), f"{shard}: not serializer bytes"
+        assert path.read_bytes() == serialize_raw(got, metadata), f"{shard}: not serializer bytes"
         with safetensors.safe_open(str(path), framework="numpy") as handle:
             assert sorted(handle.keys()) == sorted(tensors)
             for name, (dtype, array) in tensors.items():

@@ -49,6 +49,31 @@ FORMAT_BITS: dict[str, int] = {
     "I64": 64,
     "U64": 64,
 }
+#: The dtype names safetensors.TensorSpec accepts (torch spelling) and their format names.
+TORCH_TO_FORMAT: dict[str, str] = {
+    "bool": "BOOL",
+    "uint8": "U8",
+    "int8": "I8",
+    "int16": "I16",
+    "uint16": "U16",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int32": "I32",
+    "uint32": "U32",
+    "float32": "F32",
+    "complex64": "C64",
+    "float64": "F64",
+    "int64": "I64",
+    "uint64": "U64",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+    "float8_e8m0fnu": "F8_E8M0",
+    "float8_e4m3fnuz": "F8_E4M3FNUZ",
+    "float8_e5m2fnuz": "F8_E5M2FNUZ",
+    "float4_e2m1fn_x2": "F4",
+}
+#: Format name -> the name safetensors.TensorSpec takes, for the dtypes stored whole-byte.
+TORCH_NAMES = {fmt: torch for torch, fmt in TORCH_TO_FORMAT.items() if fmt != "F4"}
 #: Bytes per element of the whole-byte dtypes.
 _WIDTH = {name: bits // 8 for name, bits in FORMAT_BITS.items() if bits % 8 == 0}
 
@@ -111,3 +136,20 @@ def reference_convert(root: Path) -> dict[str, dict[str, tuple[str, np.ndarray]]
         out[target][prefix + "gate_up_proj"] = (dtype, gate_up)
         out[target][prefix + "down_proj"] = (dtype, down)
     return out
+
+
+def serialize_raw(
+    tensors: dict[str, tuple[str, np.ndarray]], metadata: dict[str, str] | None
+) -> bytes:
+    """What ``safetensors.serialize`` writes for ``{name: (dtype, raw array)}`` (any dtype)."""
+    arrays = {name: np.ascontiguousarray(array) for name, (_, array) in tensors.items()}
+    specs = {
+        name: safetensors.TensorSpec(
+            dtype=TORCH_NAMES[dtype],
+            shape=list(arrays[name].shape),
+            data_ptr=arrays[name].ctypes.data,
+            data_len=arrays[name].nbytes,
+        )
+        for name, (dtype, _) in tensors.items()
+    }
+    return safetensors.serialize(specs, metadata=metadata)

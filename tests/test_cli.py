@@ -19,16 +19,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-import safetensors
-from reference import load_raw, reference_convert
+from reference import load_raw, reference_convert, serialize_raw
 
 from streamconv.cli import main
 from streamconv.synth import SynthSpec, synthesize
 
 INDEX = "model.safetensors.index.json"
-TORCH_NAMES = {"BF16": "bfloat16", "F32": "float32", "F16": "float16"}
 UNITS = {
     "B": 1,
     "KB": 10**3,
@@ -238,17 +235,7 @@ def rewrite_without(shard: Path, key: str) -> None:
     """Rewrite ``shard`` with safetensors, leaving tensor ``key`` out."""
     tensors, metadata = load_raw(shard)
     del tensors[key]
-    arrays = {n: np.ascontiguousarray(a) for n, (_, a) in tensors.items()}
-    specs = {
-        n: safetensors.TensorSpec(
-            dtype=TORCH_NAMES[d],
-            shape=list(arrays[n].shape),
-            data_ptr=arrays[n].ctypes.data,
-            data_len=arrays[n].nbytes,
-        )
-        for n, (d, _) in tensors.items()
-    }
-    shard.write_bytes(safetensors.serialize(specs, metadata=metadata))
+    shard.write_bytes(serialize_raw(tensors, metadata))
 
 
 def break_header(root: Path) -> str:

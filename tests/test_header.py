@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import safetensors
 import safetensors.numpy
-from reference import FORMAT_BITS
+from reference import FORMAT_BITS, TORCH_TO_FORMAT
 
 from streamconv.errors import EXIT_INVALID_INPUT, HeaderError, InvalidInputError
 from streamconv.header import FileHeader, TensorSpec, encode_header, parse_file_bytes, read_header
@@ -26,30 +26,6 @@ from streamconv.header import FileHeader, TensorSpec, encode_header, parse_file_
 # --------------------------------------------------------------------------------------------
 # The format, from first principles (safetensors' Dtype enum and its bit sizes).
 
-
-#: The dtype names safetensors.TensorSpec accepts (torch spelling) and their format names.
-TORCH_TO_FORMAT: dict[str, str] = {
-    "bool": "BOOL",
-    "uint8": "U8",
-    "int8": "I8",
-    "int16": "I16",
-    "uint16": "U16",
-    "float16": "F16",
-    "bfloat16": "BF16",
-    "int32": "I32",
-    "uint32": "U32",
-    "float32": "F32",
-    "complex64": "C64",
-    "float64": "F64",
-    "int64": "I64",
-    "uint64": "U64",
-    "float8_e4m3fn": "F8_E4M3",
-    "float8_e5m2": "F8_E5M2",
-    "float8_e8m0fnu": "F8_E8M0",
-    "float8_e4m3fnuz": "F8_E4M3FNUZ",
-    "float8_e5m2fnuz": "F8_E5M2FNUZ",
-    "float4_e2m1fn_x2": "F4",
-}
 
 #: numpy dtype name -> format dtype, for files written by safetensors.numpy.
 NUMPY_TO_FORMAT: dict[str, str] = {

@@ -51,7 +51,7 @@ import pytest
 import safetensors
 from hypothesis import HealthCheck, assume, event, given, note, settings
 from hypothesis import strategies as st
-from reference import FORMAT_BITS
+from reference import FORMAT_BITS, TORCH_TO_FORMAT
 
 from streamconv.errors import HeaderError
 from streamconv.header import FileHeader, TensorSpec, encode_header, parse_file_bytes
@@ -78,29 +78,6 @@ library_deserialize: Callable[[bytes], list[tuple[str, dict[str, Any]]]] = safet
 
 FIELDS = ("dtype", "shape", "data_offsets")
 
-#: torch spellings accepted by safetensors.TensorSpec, and their format names.
-TORCH_TO_FORMAT: dict[str, str] = {
-    "bool": "BOOL",
-    "uint8": "U8",
-    "int8": "I8",
-    "int16": "I16",
-    "uint16": "U16",
-    "float16": "F16",
-    "bfloat16": "BF16",
-    "int32": "I32",
-    "uint32": "U32",
-    "float32": "F32",
-    "complex64": "C64",
-    "float64": "F64",
-    "int64": "I64",
-    "uint64": "U64",
-    "float8_e4m3fn": "F8_E4M3",
-    "float8_e5m2": "F8_E5M2",
-    "float8_e8m0fnu": "F8_E8M0",
-    "float8_e4m3fnuz": "F8_E4M3FNUZ",
-    "float8_e5m2fnuz": "F8_E5M2FNUZ",
-    "float4_e2m1fn_x2": "F4",
-}
 PACKED_X2 = "float4_e2m1fn_x2"
 
 

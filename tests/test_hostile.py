@@ -34,8 +34,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-import safetensors
-from reference import load_raw
+from reference import load_raw, serialize_raw
 
 from streamconv.synth import SynthSpec, synthesize
 
@@ -47,7 +46,6 @@ EXPERTS = "model.layers.1.mlp.experts."
 GATE0 = EXPERTS + "0.gate_proj.weight"
 ROUTER = "model.layers.1.mlp.router.gate.weight"
 NORM = "model.norm.weight"
-TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 Tensors = dict[str, tuple[str, np.ndarray]]
 
@@ -120,17 +118,7 @@ def set_entry(root: Path, key: str, field: str, value: Any) -> str:
 
 def save(path: Path, tensors: Tensors, metadata: dict[str, str] | None) -> None:
     """Write ``tensors`` with safetensors' own serializer (any dtype, via raw pointers)."""
-    arrays = {name: np.ascontiguousarray(array) for name, (_, array) in tensors.items()}
-    specs = {
-        name: safetensors.TensorSpec(
-            dtype=TORCH_NAMES[dtype],
-            shape=list(arrays[name].shape),
-            data_ptr=arrays[name].ctypes.data,
-            data_len=arrays[name].nbytes,
-        )
-        for name, (dtype, _) in tensors.items()
-    }
-    path.write_bytes(safetensors.serialize(specs, metadata=metadata))
+    path.write_bytes(serialize_raw(tensors, metadata))
 
 
 def edit_tensors(root: Path, name: str, change: Callable[[Tensors], None]) -> None:

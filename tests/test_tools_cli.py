@@ -24,8 +24,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-import safetensors
-from reference import EXPERT, load_raw
+from reference import EXPERT, load_raw, serialize_raw
 
 import streamconv.verify
 from streamconv.cli import main
@@ -38,7 +37,6 @@ SINGLE = "model.safetensors"
 MANIFEST = "streamconv-manifest.json"
 RUN_STATE = ".streamconv"
 PARTS = ("gate_proj", "up_proj", "down_proj")
-TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 #: Like conftest's SMALL: ~300 KB in 7 shards, both expert groups split over two shards.
 SMALL: dict[str, Any] = {
     "layers": 3,
@@ -186,17 +184,7 @@ def rewrite_shard(shard: Path, change: Callable[[dict[str, tuple[str, np.ndarray
     """Rewrite ``shard`` with safetensors' own serializer after ``change`` edits its tensors."""
     tensors, metadata = load_raw(shard)
     change(tensors)
-    arrays = {n: np.ascontiguousarray(a) for n, (_, a) in tensors.items()}
-    specs = {
-        n: safetensors.TensorSpec(
-            dtype=TORCH_NAMES[d],
-            shape=list(arrays[n].shape),
-            data_ptr=arrays[n].ctypes.data,
-            data_len=arrays[n].nbytes,
-        )
-        for n, (d, _) in tensors.items()
-    }
-    shard.write_bytes(safetensors.serialize(specs, metadata=metadata))
+    shard.write_bytes(serialize_raw(tensors, metadata))
 
 
 def drop_expert(root: Path, key: str = f"{LAYER1}3.up_proj.weight") -> str:
