@@ -49,9 +49,22 @@ from streamconv.synth import SynthSpec, assign_shards, checkpoint_bytes, synthes
 HERE = Path(__file__).resolve().parent
 
 
+def _series(name: str, rows: list[dict[str, Any]], x: Any, key: str) -> Series:
+    """A plotted line: ``x(row)`` against the median (and min-max) of ``row[key]``."""
+    return Series(
+        name,
+        [x(r) for r in rows],
+        [r[key]["median"] for r in rows],
+        [r[key]["low"] for r in rows],
+        [r[key]["high"] for r in rows],
+    )
+
+
 def _relative(command: str) -> str:
     """A command line as published: paths inside the repository relative to it."""
     return command.replace(f"{HERE.parent}/", "")
+
+
 GB = 1e9
 MB = 1e6
 MiB = 1 << 20
@@ -1106,15 +1119,7 @@ def plots(results: dict[str, Any], out: Path) -> None:
         series = []
         for name in dict.fromkeys(r["contender"] for r in results["size"]):
             rs = [r for r in results["size"] if r["contender"] == name]
-            series.append(
-                Series(
-                    name,
-                    [r["bytes"] / GB for r in rs],
-                    [r["wall"]["median"] for r in rs],
-                    [r["wall"]["low"] for r in rs],
-                    [r["wall"]["high"] for r in rs],
-                )
-            )
+            series.append(_series(name, rs, lambda r: r["bytes"] / GB, "wall"))
         plot(
             out / "size_scaling.png",
             series,
@@ -1129,13 +1134,7 @@ def plots(results: dict[str, Any], out: Path) -> None:
         for sync in (True, False):
             rs = [r for r in rows if r["sync"] == sync]
             series.append(
-                Series(
-                    "durable" if sync else "--no-sync",
-                    [r["workers"] for r in rs],
-                    [r["wall"]["median"] for r in rs],
-                    [r["wall"]["low"] for r in rs],
-                    [r["wall"]["high"] for r in rs],
-                )
+                _series("durable" if sync else "--no-sync", rs, lambda r: r["workers"], "wall")
             )
         plot(
             out / "workers.png",
@@ -1150,15 +1149,7 @@ def plots(results: dict[str, Any], out: Path) -> None:
         series = []
         for name in dict.fromkeys(r["contender"] for r in rows):
             rs = [r for r in rows if r["contender"] == name]
-            series.append(
-                Series(
-                    name,
-                    [r["largest_shard_bytes"] / GB for r in rs],
-                    [r["tree_rss_mb"]["median"] for r in rs],
-                    [r["tree_rss_mb"]["low"] for r in rs],
-                    [r["tree_rss_mb"]["high"] for r in rs],
-                )
-            )
+            series.append(_series(name, rs, lambda r: r["largest_shard_bytes"] / GB, "tree_rss_mb"))
         plot(
             out / "rss_vs_shard.png",
             series,
