@@ -75,13 +75,6 @@ def bits(dtype: str) -> int:
     return _BITS[dtype]
 
 
-def numel(shape: Iterable[int]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
-
-
 def nbytes(dtype: str, shape: Iterable[int]) -> int:
     """Bytes taken by a tensor; ValueError when they are not whole bytes or overflow u64.
 
