@@ -131,7 +131,7 @@ def _read_index(path: Path) -> tuple[dict[str, str], tuple[tuple[str, Any], ...]
         raw = path.read_bytes()
     except OSError as error:
         raise CheckpointError(f"cannot read index: {error.strerror}", path=path) from error
-    document = load_object(raw, path, CheckpointError, what="index")
+    document = load_object(raw, path, CheckpointError, what="index", tensor_maps=("weight_map",))
     weight_map = document.get("weight_map")
     if not isinstance(weight_map, dict):
         raise CheckpointError('index has no "weight_map" object', path=path)

@@ -70,8 +70,13 @@ def load_object(
     error: type[InvalidInputError],
     *,
     what: str,
+    tensor_maps: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Parse ``raw`` as a JSON object with unique keys, or raise ``error`` naming ``where``."""
+    """Parse ``raw`` as a JSON object with unique keys, or raise ``error`` naming ``where``.
+
+    A duplicate key at the top level, or inside one of the objects named in ``tensor_maps``
+    (whose keys are tensor names, like an index's ``weight_map``), is reported as that tensor.
+    """
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -91,7 +96,7 @@ def load_object(
         if exc.parent == METADATA_KEY or (exc.parent is None and exc.key == METADATA_KEY):
             inner = "" if exc.parent is None else f": {exc.key!r}"
             raise error(f"duplicate key in {what} {METADATA_KEY}{inner}", path=where) from exc
-        if exc.parent is None or exc.parent == "weight_map":  # a tensor name, in an index
+        if exc.parent is None or exc.parent in tensor_maps:  # the duplicate is a tensor name
             raise error(f"duplicate key in {what}", path=where, tensor=exc.key) from exc
         raise error(f"duplicate key in {what}: {exc.key!r}", path=where, tensor=exc.parent) from exc
     except _NegativeZero as exc:
